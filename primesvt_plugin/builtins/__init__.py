@@ -1,0 +1,1 @@
+"""primesvt's own plugins; each module is an entry point of group ``primesvt``."""

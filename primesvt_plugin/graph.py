@@ -1,0 +1,290 @@
+"""The spiking-aware dependency graph and the pruning groups it yields.
+
+``SpikingGraph`` builds Torch-Pruning's ``DependencyGraph`` on a SpikingJelly
+model with spiking layers and attention blocks registered as channel-transparent
+customized pruners (traced at T=1, see ``tracing.py``), and turns its groups
+into ``PruningGroup`` objects. It adds one group per untied attention block for
+the q/k/v inner width, which Torch-Pruning cannot see.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import pluggy
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from spikingjelly.activation_based import functional
+
+from .attention import INNER, WIDTH, AttentionLayout
+from .channels import IN, OUT, ChannelOp, expand_chunks, prune_channels, tp_pruning_fn
+from .memory import state_bytes, stateful_modules
+from .plugins import get_plugin_manager
+from .tracing import trace_forward_fn
+
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class UnhandledLayerError(TypeError):
+    """The model holds a stateful layer that no plugin knows how to prune."""
+
+
+class SpikingLayerPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning pruner for a spiking layer: channel-transparent, asks the plugins to cut it."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        super().__init__()
+        self.pm = pm
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if not self.pm.hook.primesvt_prune_spiking_layer(layer=layer, idxs=list(idxs)):
+            raise UnhandledLayerError(f"no plugin pruned spiking layer {type(layer).__name__}")
+        return layer
+
+    prune_in_channels = prune_out_channels  # same function: input and output channels are coupled
+
+    def get_out_channels(self, layer: nn.Module):
+        return None  # like an element-wise op: follows its neighbours
+
+    get_in_channels = get_out_channels
+
+
+class AttentionPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning pruner for an attention block seen from the residual stream."""
+
+    def __init__(self, layouts: dict[nn.Module, AttentionLayout]):
+        super().__init__()
+        self.layouts = layouts
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        layout = self.layouts[layer]
+        for op in layout.channel_ops(WIDTH, idxs):
+            prune_channels(op)
+        layout.resized()
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return self.layouts[layer].width
+
+    get_in_channels = get_out_channels
+
+
+@dataclass
+class PruningGroup:
+    """Channels that must be removed together; indices are ``range(size)``."""
+
+    name: str
+    size: int
+    channel_groups: int  # heads: every block of size // channel_groups loses the same count
+    importance_group: tp.dependency.Group  # full indices, for any tp Importance
+    channel_ops: Callable[[Sequence[int]], list[ChannelOp]]
+    prune: Callable[[Sequence[int]], None]
+    kind: str = "channels"  # "channels" | "attention-inner"
+    layouts: list[AttentionLayout] = field(default_factory=list)
+
+    def select(self, importance: torch.Tensor, n_remove: int) -> list[int]:
+        """The ``n_remove`` least important channels, the same count in every head block."""
+        per_block = min(n_remove // self.channel_groups, self.size // self.channel_groups - 1)
+        if per_block <= 0:
+            return []
+        blocks = importance.reshape(self.channel_groups, -1)
+        width = blocks.shape[1]
+        chosen = torch.argsort(blocks, dim=1, stable=True)[:, :per_block]
+        chosen = chosen + torch.arange(self.channel_groups).unsqueeze(1) * width
+        return sorted(chosen.flatten().tolist())
+
+    def removable(self, rate: float) -> int:
+        """How many channels a pruning ``rate`` removes, rounded down to whole head blocks."""
+        per_block = int(rate * self.size / self.channel_groups + 1e-9)
+        per_block = min(per_block, self.size // self.channel_groups - 1)
+        return max(per_block, 0) * self.channel_groups
+
+
+class SpikingGraph:
+    """Torch-Pruning's dependency graph of a spiking model, plus attention inner groups."""
+
+    def __init__(self, model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
+                 pm: pluggy.PluginManager | None = None):
+        self.model = model
+        self.pm = pm or get_plugin_manager()
+        self.names = {m: n for n, m in model.named_modules()}
+        self.spiking_types = tuple(t for types in self.pm.hook.primesvt_spiking_layer_types() for t in types)
+        self.layouts = {m: layout for m in model.modules()
+                        if (layout := self.pm.hook.primesvt_attention_layout(module=m)) is not None}
+        inside_attention = {sub for m in self.layouts for sub in m.modules() if sub is not m}
+        self.spiking_layers = [m for m in model.modules()
+                               if isinstance(m, self.spiking_types) and m not in inside_attention]
+        self._check_state_is_handled(inside_attention)
+        self.customized_pruners = self._customized_pruners()
+        self.forward_fn = trace_forward_fn(self.spiking_layers + list(self.layouts))
+        was_training = model.training
+        try:
+            self.DG = tp.DependencyGraph().build_dependency(
+                model, example_inputs, forward_fn=self.forward_fn,
+                customized_pruners=self.customized_pruners,
+            )
+        finally:
+            model.train(was_training)  # Torch-Pruning leaves the model in eval mode
+            functional.reset_net(model)
+        self.output_layers = self._output_layers()
+        self.ignored_layers = list(ignored_layers)
+        self.state_bytes = state_bytes(model, example_inputs)
+
+    def metapruner_kwargs(self) -> dict:
+        """Keyword arguments making ``tp.pruner.MetaPruner`` spiking-aware on this model.
+
+        Residual widths of tied attention blocks are pruned head-aligned; the q/k/v
+        width of untied blocks (Spikformer's SSA) is not visible to MetaPruner: use
+        ``SpikingPruner`` to prune it too.
+        """
+        return {
+            "customized_pruners": dict(self.customized_pruners),
+            "forward_fn": self.forward_fn,
+            "ignored_layers": self.output_layers + self.ignored_layers,
+            "root_module_types": list(ROOT_TYPES),
+            "out_channel_groups": {m: layout.num_heads for m, layout in self.layouts.items() if layout.tied},
+        }
+
+    # -- construction helpers ---------------------------------------------------
+
+    def _check_state_is_handled(self, inside_attention: set[nn.Module]) -> None:
+        for m in stateful_modules(self.model):
+            handled = isinstance(m, self.spiking_types) or m in self.layouts or m in inside_attention
+            if not handled and len(m._memories) > 0:
+                raise UnhandledLayerError(
+                    f"layer {self.names[m]!r} ({type(m).__module__}.{type(m).__qualname__}) keeps state "
+                    f"({', '.join(m._memories)}) and no primesvt plugin handles it; write a plugin "
+                    "implementing primesvt_spiking_layer_types / primesvt_prune_spiking_layer for it "
+                    "(see examples/primesvt-example-neuron), or replace the layer"
+                )
+
+    def _customized_pruners(self) -> dict:
+        # Torch-Pruning matches customized pruners by exact class, so register each concrete
+        # class found in the model: subclasses of handled types are covered this way.
+        layer_pruner = SpikingLayerPruner(self.pm)
+        pruners: dict = {type(m): layer_pruner for m in self.spiking_layers}
+        attention_pruner = AttentionPruner(self.layouts)
+        pruners.update({type(m): attention_pruner for m in self.layouts})
+        return pruners
+
+    def _output_layers(self) -> list[nn.Module]:
+        """Conv/Linear layers whose output channels are the model's output (e.g. the classifier)."""
+        found, stack, seen = [], [n for n in self.DG.module2node.values() if not n.outputs], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if isinstance(node.module, ROOT_TYPES):
+                found.append(node.module)
+            else:
+                stack.extend(node.inputs)
+        return found
+
+    # -- groups -------------------------------------------------------------------
+
+    def groups(self, include_attention_inner: bool = True) -> list[PruningGroup]:
+        """All pruning groups of the model in its current shape."""
+        ignored = self.output_layers + self.ignored_layers
+        groups = [self._channel_group(g) for g in self.DG.get_all_groups(
+            ignored_layers=ignored, root_module_types=ROOT_TYPES)]
+        groups = [g for g in groups if g is not None]
+        if include_attention_inner:
+            groups += [self._inner_group(layout) for layout in self.layouts.values()
+                       if not layout.tied and layout.module not in ignored]
+        return groups
+
+    def _channel_group(self, group: tp.dependency.Group) -> PruningGroup | None:
+        root = group[0].dep.target.module
+        size = len(group[0].idxs)
+        tied = [self.layouts[item.dep.target.module] for item in group
+                if item.dep.target.module in self.layouts and self.layouts[item.dep.target.module].tied]
+        if any(layout.module in self.ignored_layers for layout in tied):
+            return None
+        heads = math.lcm(*[layout.num_heads for layout in tied]) if tied else 1
+        if size % heads or size // heads < 2:
+            return None
+        root_fn = group[0].dep.handler
+
+        def channel_ops(root_idxs: Sequence[int]) -> list[ChannelOp]:
+            return self._ops_of_tp_group(group, set(int(i) for i in root_idxs))
+
+        def prune(root_idxs: Sequence[int]) -> None:
+            self.DG.get_pruning_group(root, root_fn, list(root_idxs)).prune(record_history=False)
+            for layout in tied:
+                layout.check(self.names[layout.module])
+            functional.reset_net(self.model)
+
+        return PruningGroup(self.names[root], size, heads, group, channel_ops, prune, layouts=tied)
+
+    def _ops_of_tp_group(self, group: tp.dependency.Group, selected: set[int]) -> list[ChannelOp]:
+        return ops_of_tp_group(group, selected, self.layouts, self.spiking_types)
+
+    def _inner_group(self, layout: AttentionLayout) -> PruningGroup:
+        name = self.names[layout.module]
+
+        def channel_ops(idxs: Sequence[int]) -> list[ChannelOp]:
+            return attention_ops(layout, INNER, idxs)
+
+        def prune(idxs: Sequence[int]) -> None:
+            for op in layout.channel_ops(INNER, idxs):
+                prune_channels(op)
+            layout.resized()
+            layout.check(name)
+            functional.reset_net(self.model)
+
+        importance_group = _importance_group(layout.channel_ops(INNER, range(layout.inner)), layout.inner)
+        return PruningGroup(f"{name}:qkv", layout.inner, layout.num_heads, importance_group,
+                            channel_ops, prune, kind="attention-inner", layouts=[layout])
+
+
+def direction_of(handler) -> str:
+    """OUT or IN for a Torch-Pruning pruning function (coupled layers share the OUT function)."""
+    return OUT if getattr(handler, "__name__", "") == "prune_out_channels" else IN
+
+
+def ops_of_tp_group(group: tp.dependency.Group, selected: set[int], layouts: dict[nn.Module, AttentionLayout],
+                    spiking_types: tuple[type, ...]) -> list[ChannelOp]:
+    """The layer-level operations a Torch-Pruning group performs for root channels ``selected``."""
+    ops, seen = [], set()
+    for item in group:
+        module, direction = item.dep.target.module, direction_of(item.dep.handler)
+        if (id(module), direction) in seen or not isinstance(module, nn.Module):
+            continue
+        seen.add((id(module), direction))
+        idxs = tuple(i for i, r in zip(item.idxs, item.root_idxs) if r in selected)
+        if module in layouts:
+            ops += attention_ops(layouts[module], WIDTH, idxs)
+        elif isinstance(module, spiking_types):
+            ops.append(ChannelOp(module, OUT, idxs, of=len(item.idxs)))
+        elif tp.ops.module2type(module) in tp.pruner.function.PrunerBox:
+            ops.append(ChannelOp(module, direction, idxs))
+    return ops
+
+
+def attention_ops(layout: AttentionLayout, space: str, idxs: Sequence[int]) -> list[ChannelOp]:
+    """Layer operations (neurons included) removing channels ``idxs`` of an attention ``space``."""
+    ops = layout.channel_ops(space, idxs)
+    width = layout.width if space == WIDTH else layout.inner
+    for neuron, chunks in layout.neuron_channels(space):
+        ops.append(ChannelOp(neuron, OUT, expand_chunks(sorted(idxs), width, chunks), of=chunks * width))
+    return ops
+
+
+def _importance_group(ops: list[ChannelOp], size: int) -> tp.dependency.Group:
+    """A Torch-Pruning group over ``ops`` so that any tp Importance can score it.
+
+    Items are ordered so the first one has exactly ``size`` indices: tp reduces
+    importance to the length of the first scored item.
+    """
+    group = tp.dependency.Group()
+    for op in sorted(ops, key=lambda op: len(op.idxs) != size):
+        node = tp.dependency.Node(op.layer, grad_fn=None)
+        fn = tp_pruning_fn(op.layer, op.direction)
+        group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(op.idxs))
+        group[len(group) - 1].root_idxs = [i % size for i in op.idxs]
+    return group

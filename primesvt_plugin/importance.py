@@ -1,0 +1,62 @@
+"""MemoryAwareImportance: L2 norm per byte of memory a channel frees.
+
+For every channel ``c`` of a group::
+
+    l2(c)    = Torch-Pruning's group L2 magnitude of c (sum over the group's
+               conv/linear/BN slices, mean-reduced over layers, normalised to mean 1)
+    bytes(c) = parameter + buffer bytes of every slice the group removes with c
+               + the neuron-state bytes (one sample) of the spiking layers it removes
+    score(c) = l2(c) / (bytes(c) / 1 KiB) ** memory_weight
+
+Within one group every channel frees the same bytes, so local pruning ranks
+channels by L2 exactly like ``MagnitudeImportance(p=2)``. Across groups (global
+pruning, or the PrimeSVT policy's ranking) a channel that frees more memory
+per unit of norm goes first: with ``memory_weight=1`` halving the norm or
+doubling the bytes counts the same. ``memory_weight=0`` is plain group L2.
+"""
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+
+from .channels import bytes_per_channel
+
+KIB = 1024.0
+
+
+def ops_bytes(ops, neuron_state: dict) -> int:
+    """Bytes freed by a list of ChannelOps (parameters, buffers and neuron state)."""
+    total = 0
+    for op in ops:
+        if op.layer in neuron_state:
+            total += neuron_state[op.layer] * len(op.idxs) // max(op.of, 1)
+        else:
+            total += bytes_per_channel(op.layer, op.direction) * len(op.idxs)
+    return total
+
+
+class MemoryAwareImportance(tp.importance.GroupMagnitudeImportance):
+    """Group L2 magnitude divided by the memory each channel frees (see module docs)."""
+
+    def __init__(self, graph=None, memory_weight: float = 1.0, p: int = 2, **kwargs):
+        super().__init__(p=p, **kwargs)
+        self.graph = graph  # a SpikingGraph: tells neurons, attention blocks and neuron state apart
+        self.memory_weight = memory_weight
+
+    def bytes_per_channel(self, group: tp.dependency.Group) -> float:
+        from .graph import ops_of_tp_group  # graph imports importance's users; avoid a cycle
+
+        size = len(group[0].root_idxs if group[0].root_idxs is not None else group[0].idxs)
+        layouts = self.graph.layouts if self.graph else {}
+        spiking = self.graph.spiking_types if self.graph else ()
+        state = self.graph.state_bytes if self.graph else {}
+        ops = ops_of_tp_group(group, set(range(size)), layouts, spiking)
+        return ops_bytes(ops, state) / size
+
+    @torch.no_grad()
+    def __call__(self, group: tp.dependency.Group):
+        l2 = super().__call__(group)
+        if l2 is None or self.memory_weight == 0:
+            return l2
+        freed = max(self.bytes_per_channel(group), 1.0)
+        return l2 / (freed / KIB) ** self.memory_weight

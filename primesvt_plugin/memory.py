@@ -1,0 +1,120 @@
+"""Where a spiking model's memory goes: parameters, buffers and neuron state.
+
+``footprint`` measures a real model. ``MemoryLedger`` predicts the footprint of
+the same model after any set of channel removals without touching it, so the
+policy can try many pruning plans cheaply; tests check prediction == measurement.
+
+Neuron state is the membrane potential (and any other registered memory) a
+spiking layer keeps between time steps for *one* input sample; on a device it
+must live in RAM next to the weights for the whole inference.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import base, functional
+
+from .channels import ChannelOp, channel_slices
+
+
+@dataclass
+class Footprint:
+    param_bytes: int
+    buffer_bytes: int
+    state_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.buffer_bytes + self.state_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def one_sample(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The first sample of a batch (``[N, ...]`` or ``[T, N, C, H, W]``)."""
+    steps = {m.T for m in model.modules() if type(getattr(m, "T", None)) is int}
+    if inputs.ndim == 5 and inputs.shape[0] in steps:
+        return inputs[:, :1]
+    return inputs[:1]
+
+
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def stateful_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, base.MemoryModule)]
+
+
+@torch.no_grad()
+def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
+    """Bytes of state each stateful module holds after a forward pass of one sample."""
+    was_training = model.training
+    model.eval()
+    functional.reset_net(model)
+    try:
+        model(one_sample(model, example_inputs))
+        return {m: _tensor_bytes(v for v in m._memories.values() if isinstance(v, torch.Tensor))
+                for m in stateful_modules(model)}
+    finally:
+        functional.reset_net(model)
+        model.train(was_training)
+
+
+def footprint(model: nn.Module, example_inputs: torch.Tensor) -> Footprint:
+    """Measure parameter, buffer and per-sample neuron-state bytes of ``model``."""
+    return Footprint(
+        param_bytes=_tensor_bytes(p for p in model.parameters() if p.is_floating_point()),
+        buffer_bytes=_tensor_bytes(b for b in model.buffers() if b.is_floating_point()),
+        state_bytes=sum(state_bytes(model, example_inputs).values()),
+    )
+
+
+class LedgerState:
+    """Which tensor entries and neuron channels are still alive under a pruning plan.
+
+    Predicts the footprint after removing channels, from the model's current shapes,
+    without modifying the model.
+    """
+
+    def __init__(self, model: nn.Module, neuron_state: dict[nn.Module, int]):
+        self.model = model
+        self.neuron_state = dict(neuron_state)
+        self.alive = {id(t): torch.ones(t.shape, dtype=torch.bool) for t in _float_tensors(model)}
+        self.neuron_removed: dict[nn.Module, set[int]] = {}
+        self.neuron_width: dict[nn.Module, int] = {}
+
+    def copy(self) -> "LedgerState":
+        other = LedgerState.__new__(LedgerState)
+        other.model, other.neuron_state, other.neuron_width = self.model, self.neuron_state, dict(self.neuron_width)
+        other.alive = {k: v.clone() for k, v in self.alive.items()}
+        other.neuron_removed = {k: set(v) for k, v in self.neuron_removed.items()}
+        return other
+
+    def remove(self, op: ChannelOp) -> None:
+        """Account for removing the channels of ``op``."""
+        if op.layer in self.neuron_state:
+            self.neuron_removed.setdefault(op.layer, set()).update(op.idxs)
+            self.neuron_width[op.layer] = op.of
+            return
+        index = torch.tensor(op.idxs, dtype=torch.long)
+        for tensor, dim in channel_slices(op.layer, op.direction):
+            self.alive[id(tensor)].index_fill_(dim, index, False)
+
+    def footprint(self) -> Footprint:
+        params = sum(int(self.alive[id(p)].sum()) * p.element_size() for p in self.model.parameters()
+                     if p.is_floating_point())
+        buffers = sum(int(self.alive[id(b)].sum()) * b.element_size() for b in self.model.buffers()
+                      if b.is_floating_point())
+        state = sum(self.neuron_state.values())
+        for neuron, removed in self.neuron_removed.items():
+            state -= self.neuron_state[neuron] * len(removed) // self.neuron_width[neuron]
+        return Footprint(params, buffers, state)
+
+
+def _float_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]

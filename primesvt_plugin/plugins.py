@@ -1,0 +1,70 @@
+"""The plugin manager: loads every ``primesvt`` entry point, builtins included."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import pluggy
+
+from . import hookspecs
+
+hookimpl = pluggy.HookimplMarker("primesvt")
+
+ENTRY_POINT_GROUP = "primesvt"
+BUILTIN_PREFIX = "primesvt_plugin.builtins."
+
+
+class PluginError(RuntimeError):
+    """A plugin is missing, clashes with another, or returned something unusable."""
+
+
+def new_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A fresh manager with the hook specs and (by default) all installed plugins."""
+    pm = pluggy.PluginManager("primesvt")
+    pm.add_hookspecs(hookspecs)
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        if not any(name.startswith(BUILTIN_PREFIX) for name in _module_names(pm)):
+            raise PluginError(
+                "primesvt-plugin's builtin plugins were not found in the 'primesvt' entry-point "
+                "group; install the package (pip install -e .) instead of running it from a "
+                "source tree"
+            )
+    return pm
+
+
+@functools.lru_cache(maxsize=1)
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager (created once; pass your own to the APIs to isolate)."""
+    return new_plugin_manager()
+
+
+def _module_names(pm: pluggy.PluginManager) -> list[str]:
+    return [getattr(p, "__name__", "") for p in pm.get_plugins()]
+
+
+def plugin_table(pm: pluggy.PluginManager) -> list[tuple[str, str]]:
+    """(entry-point name, module) for each loaded plugin."""
+    return [(name, getattr(plugin, "__name__", repr(plugin))) for name, plugin in pm.list_name_plugin()]
+
+
+def merged_registry(pm: pluggy.PluginManager, hook_name: str) -> dict[str, Callable[..., Any]]:
+    """Merge the ``{name: factory}`` dicts every plugin returns for ``hook_name``."""
+    merged: dict[str, Callable[..., Any]] = {}
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # registration order
+        for name, factory in (impl.function() or {}).items():
+            if name in merged:
+                raise PluginError(
+                    f"{hook_name}: name {name!r} is registered twice (again by plugin "
+                    f"{impl.plugin_name!r}); rename one of them"
+                )
+            merged[name] = factory
+    return merged
+
+
+def lookup(pm: pluggy.PluginManager, hook_name: str, name: str, what: str) -> Callable[..., Any]:
+    """The factory called ``name`` in ``hook_name``'s registry, or a clear error listing choices."""
+    registry = merged_registry(pm, hook_name)
+    if name not in registry:
+        raise PluginError(f"unknown {what} {name!r}; available: {', '.join(sorted(registry)) or 'none'}")
+    return registry[name]
