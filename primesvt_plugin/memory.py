@@ -85,12 +85,15 @@ class LedgerState:
         self.model = model
         self.neuron_state = dict(neuron_state)
         self.alive = {id(t): torch.ones(t.shape, dtype=torch.bool) for t in _float_tensors(model)}
+        # (key, bytes per entry, is a parameter): the plan is judged on the shapes seen now
+        self.entries = [(id(t), t.element_size(), isinstance(t, nn.Parameter)) for t in _float_tensors(model)]
         self.neuron_removed: dict[nn.Module, set[int]] = {}
         self.neuron_width: dict[nn.Module, int] = {}
 
     def copy(self) -> "LedgerState":
         other = LedgerState.__new__(LedgerState)
-        other.model, other.neuron_state, other.neuron_width = self.model, self.neuron_state, dict(self.neuron_width)
+        other.model, other.neuron_state, other.entries = self.model, self.neuron_state, self.entries
+        other.neuron_width = dict(self.neuron_width)
         other.alive = {k: v.clone() for k, v in self.alive.items()}
         other.neuron_removed = {k: set(v) for k, v in self.neuron_removed.items()}
         return other
@@ -106,10 +109,8 @@ class LedgerState:
             self.alive[id(tensor)].index_fill_(dim, index, False)
 
     def footprint(self) -> Footprint:
-        params = sum(int(self.alive[id(p)].sum()) * p.element_size() for p in self.model.parameters()
-                     if p.is_floating_point())
-        buffers = sum(int(self.alive[id(b)].sum()) * b.element_size() for b in self.model.buffers()
-                      if b.is_floating_point())
+        params = sum(int(self.alive[key].sum()) * size for key, size, is_param in self.entries if is_param)
+        buffers = sum(int(self.alive[key].sum()) * size for key, size, is_param in self.entries if not is_param)
         state = sum(self.neuron_state.values())
         for neuron, removed in self.neuron_removed.items():
             state -= self.neuron_state[neuron] * len(removed) // self.neuron_width[neuron]

@@ -1,0 +1,62 @@
+"""Hook implementations: the only file primesvt loads (entry point ``example_neuron``)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+from primesvt_plugin import hookimpl
+from primesvt_plugin.data import DataSplits, digits_splits
+from spikingjelly.activation_based.model import spikformer
+
+from .neuron import ChannelThresholdLIF
+
+
+@hookimpl
+def primesvt_spiking_layer_types():
+    return [ChannelThresholdLIF]
+
+
+@hookimpl
+def primesvt_prune_spiking_layer(layer, idxs):
+    if not isinstance(layer, ChannelThresholdLIF):
+        return None
+    keep = [i for i in range(layer.threshold.numel()) if i not in set(idxs)]
+    layer.threshold = nn.Parameter(layer.threshold.data[keep].clone())
+    return True
+
+
+def example_spikformer(**args) -> nn.Module:
+    """A Spikformer (any ``Spikformer`` argument) whose MLP hidden neurons are ChannelThresholdLIF."""
+    model = spikformer.Spikformer(**args)
+    for block in model.blocks:
+        hidden = block.mlp.fc1[0].out_channels
+        block.mlp.neuron1 = ChannelThresholdLIF(hidden)
+    return model
+
+
+@hookimpl
+def primesvt_model_builders():
+    return {"example_spikformer": example_spikformer}
+
+
+def mirrored_digits(**args) -> DataSplits:
+    """scikit-learn's digits, mirrored left-right (shows a plugin dataset in a recipe)."""
+    splits = digits_splits(**args)
+    return splits.map_images(lambda images: np.ascontiguousarray(images[..., ::-1]))
+
+
+@hookimpl
+def primesvt_datasets():
+    return {"digits_mirrored": mirrored_digits}
+
+
+def export_state_dict_fp16(model: nn.Module, example_input: torch.Tensor, path) -> list:
+    """Write the model's parameters in half precision (``path`` + ``.fp16.pt``)."""
+    target = path.with_suffix(".fp16.pt")
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, target)
+    return [target]
+
+
+@hookimpl
+def primesvt_exporters():
+    return {"state_dict_fp16": export_state_dict_fp16}

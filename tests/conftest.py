@@ -1,0 +1,71 @@
+"""Shared fixtures: real SpikingJelly SViTs, small enough for CPU tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional
+from spikingjelly.activation_based.model import maxformer, qkformer, spike_driven_transformer, spikformer
+
+from primesvt_plugin.attention import AttentionLayout
+from primesvt_plugin.plugins import get_plugin_manager
+
+SMALL_SVITS = {
+    "spikformer": lambda: spikformer.Spikformer(
+        T=2, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num_classes=10,
+        embed_dims=64, num_heads=4, mlp_ratio=4, depths=2),
+    "spike_driven_transformer": lambda: spike_driven_transformer.SpikeDrivenTransformer(
+        T=2, in_channels=3, num_classes=10, embed_dims=64, num_heads=4, depths=2),
+    "qkformer": lambda: qkformer.QKFormer(
+        T=2, in_channels=3, num_classes=10, embed_dims=64, num_heads=(2, 4, 4), depths=(1, 1, 1)),
+    "maxformer": lambda: maxformer.MaxFormer(
+        T=2, in_channels=3, num_classes=10, embed_dims=64, depths=(1, 1, 1), cifar=True),
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "spikformer_cifar10":
+        return spikformer.spikformer_cifar10()
+    return SMALL_SVITS[name]()
+
+
+@pytest.fixture
+def images():
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def run(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A fresh multi-step forward pass (state reset before and after)."""
+    model.eval()
+    functional.reset_net(model)
+    out = model(x)
+    functional.reset_net(model)
+    return out
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def attention_layouts(model: torch.nn.Module) -> list[AttentionLayout]:
+    pm = get_plugin_manager()
+    return [layout for m in model.modules() if (layout := pm.hook.primesvt_attention_layout(module=m))]
+
+
+def assert_heads_consistent(model: torch.nn.Module) -> None:
+    """num_heads x head_dim equals each attention's q/k/v width; tied blocks match the residual."""
+    layouts = attention_layouts(model)
+    assert layouts, "model has no attention block"
+    for layout in layouts:
+        m = layout.module
+        assert layout.inner % layout.num_heads == 0
+        if hasattr(m, "head_dim"):
+            assert m.num_heads * m.head_dim == layout.inner
+        if hasattr(m, "dim"):
+            assert m.dim == layout.width
+        if layout.tied:
+            assert layout.inner == layout.width
+        for layer, chunks in layout.inner_out:
+            channels = getattr(layer, "out_channels", getattr(layer, "num_features", None))
+            assert channels == chunks * layout.inner

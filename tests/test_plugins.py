@@ -1,0 +1,82 @@
+"""The plugin contract: entry points, the example third-party plugin, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import base
+
+from primesvt_plugin import SpikingGraph, SpikingPruner, UnhandledLayerError
+from primesvt_plugin.plugins import PluginError, get_plugin_manager, merged_registry, new_plugin_manager, plugin_table
+
+from conftest import assert_heads_consistent, param_count, run
+
+example = pytest.importorskip("primesvt_example_neuron", reason="install examples/primesvt-example-neuron")
+from primesvt_example_neuron.plugin import example_spikformer  # noqa: E402
+
+SMALL = dict(T=2, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num_classes=10,
+             embed_dims=64, num_heads=4, mlp_ratio=4, depths=2)
+
+
+def test_builtins_and_example_load_through_entry_points():
+    names = dict(plugin_table(get_plugin_manager()))
+    assert names["neurons"] == "primesvt_plugin.builtins.neurons"
+    assert names["attention"] == "primesvt_plugin.builtins.attention"
+    assert names["example_neuron"] == "primesvt_example_neuron.plugin"
+    assert "example_spikformer" in merged_registry(get_plugin_manager(), "primesvt_model_builders")
+    assert {"l2", "taylor", "memory"} <= set(merged_registry(get_plugin_manager(), "primesvt_importances"))
+
+
+def test_example_neuron_model_prunes_with_its_thresholds(images):
+    torch.manual_seed(0)
+    model = example_spikformer(**SMALL)
+    before_out, before_params = run(model, images), param_count(model)
+    SpikingPruner(model, images, pruning_ratio=0.5).step()
+    out = run(model, torch.rand_like(images))
+    assert out.shape == before_out.shape and param_count(model) < before_params
+    for block in model.blocks:
+        hidden = block.mlp.fc1[0].out_channels
+        assert hidden == 128
+        assert block.mlp.neuron1.threshold.numel() == hidden
+    assert_heads_consistent(model)
+
+
+def test_without_the_plugin_the_error_names_the_layer(images):
+    pm = new_plugin_manager()
+    pm.unregister(name="example_neuron")
+    torch.manual_seed(0)
+    model = example_spikformer(**SMALL)
+    with pytest.raises(UnhandledLayerError, match=r"blocks\.0\.mlp\.neuron1.*ChannelThresholdLIF"):
+        SpikingGraph(model, images, pm=pm)
+
+
+class Counter(base.MemoryModule):
+    """A stateful layer nobody handles."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_memory("count", 0)
+
+    def forward(self, x):
+        self.count = self.count + 1
+        return x
+
+
+def test_unknown_stateful_layer_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), Counter(), nn.Conv2d(8, 4, 3))
+    with pytest.raises(UnhandledLayerError, match=r"layer '2'.*Counter.*count"):
+        SpikingGraph(model, torch.rand(1, 3, 8, 8))
+
+
+def test_duplicate_registry_names_are_refused():
+    from primesvt_plugin.plugins import hookimpl
+
+    class Clash:
+        @hookimpl
+        def primesvt_importances(self):
+            return {"l2": lambda **kw: None}
+
+    pm = new_plugin_manager()
+    pm.register(Clash(), name="clash")
+    with pytest.raises(PluginError, match="'l2' is registered twice"):
+        merged_registry(pm, "primesvt_importances")

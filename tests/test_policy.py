@@ -1,0 +1,119 @@
+"""The PrimeSVT policy on a real spiking model trained on real data (scikit-learn digits)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch_pruning as tp
+from spikingjelly.activation_based.model import spikformer
+
+from primesvt_plugin import SpikingGraph, footprint
+from primesvt_plugin.data import digits_splits
+from primesvt_plugin.masking import Masks
+from primesvt_plugin.memory import LedgerState
+from primesvt_plugin.policy import EvaluationError, prime
+from primesvt_plugin.pruner import apply_plan
+from primesvt_plugin.training import accuracy, train
+
+from conftest import SMALL_SVITS, build, run
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_splits(image_size=16)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    model = spikformer.Spikformer(T=2, in_channels=1, img_size_h=16, img_size_w=16, patch_size=4,
+                                  num_classes=10, embed_dims=64, num_heads=4, mlp_ratio=4, depths=1)
+    train(model, digits.loader("train", 64, shuffle=True), epochs=6, lr=3e-3, progress=False)
+    return model
+
+
+def val_accuracy(digits):
+    loader = digits.loader("val", 512)
+    return lambda model: accuracy(model, loader)
+
+
+def test_constraints_are_respected(trained, digits):
+    x = torch.from_numpy(digits.x_val[:2])
+    original = copy.deepcopy(trained.state_dict())
+    result = prime(trained, x, val_accuracy(digits), memory_saving=0.2, max_accuracy_drop=0.03, progress=False)
+    report = result.report
+    assert report["constraints_met"], report["reason"]
+    assert report["pruned"]["memory_saving"] >= 0.2
+    assert report["pruned"]["accuracy"] >= report["baseline"]["accuracy"] - 0.03
+    # the report's memory is the returned model's measured memory, and the prediction was exact
+    assert report["pruned"]["memory"] == footprint(result.model, x).as_dict()
+    assert report["pruned"]["predicted_memory"] == report["pruned"]["memory"]
+    assert report["evaluations"] >= 2 + sum(len(g["sensitivity"]) for g in report["groups"])
+    # the input model is untouched
+    assert all(torch.equal(v, original[k]) for k, v in trained.state_dict().items())
+    assert result.model is not trained
+
+
+def test_groups_are_compressed_largest_first(trained, digits):
+    x = torch.from_numpy(digits.x_val[:2])
+    report = prime(trained, x, val_accuracy(digits), memory_saving=0.3, max_accuracy_drop=0.05,
+                   progress=False).report
+    sizes = [g["memory_bytes"] for g in report["groups"]]
+    assert sizes == sorted(sizes, reverse=True)
+    for g in report["groups"]:
+        assert g["chosen_rate"] <= g["target_rate"]
+        assert all(s["accuracy"] >= report["baseline"]["accuracy"] - 0.05
+                   for s in g["sensitivity"] if s["rate"] <= g["target_rate"])
+
+
+def test_impossible_target_gives_best_feasible_with_reason(trained, digits):
+    x = torch.from_numpy(digits.x_val[:2])
+    report = prime(trained, x, val_accuracy(digits), memory_saving=0.95, max_accuracy_drop=0.0,
+                   progress=False).report
+    assert not report["constraints_met"]
+    assert report["reason"].startswith("best feasible")
+    assert report["pruned"]["memory_saving"] < 0.95
+    assert report["pruned"]["accuracy"] >= report["baseline"]["accuracy"]
+
+
+def test_finetune_is_called_and_reported(trained, digits):
+    x = torch.from_numpy(digits.x_val[:2])
+    calls = []
+
+    def finetune(model):
+        calls.append(model.training)
+        train(model, digits.loader("train", 64, shuffle=True), epochs=1, lr=1e-3, progress=False)
+
+    report = prime(trained, x, val_accuracy(digits), memory_saving=0.2, max_accuracy_drop=0.03,
+                   finetune=finetune, progress=False).report
+    assert calls == [True]
+    assert 0.0 <= report["finetuned"]["accuracy"] <= 1.0
+    assert "finetune" in report["timings_s"]
+
+
+def test_nan_from_evaluate_is_a_clear_error(trained, digits):
+    x = torch.from_numpy(digits.x_val[:2])
+    with pytest.raises(EvaluationError, match="nan"):
+        prime(trained, x, lambda model: float("nan"), memory_saving=0.2, max_accuracy_drop=0.01, progress=False)
+
+
+@pytest.mark.parametrize("name", list(SMALL_SVITS))
+def test_masking_equals_pruning_and_ledger_predicts_memory(name, images):
+    """Masked trials give the pruned model's outputs; the ledger predicts its measured footprint."""
+    model = build(name)
+    graph = SpikingGraph(model, images)
+    groups = graph.groups()
+    imp = tp.importance.GroupMagnitudeImportance(p=2)
+    plan = {g.name: g.select(imp(g.importance_group), g.removable(0.4)) for g in groups}
+    masks, ledger = Masks(), LedgerState(model, graph.state_bytes)
+    for g in groups:
+        masks.trial(g.channel_ops(plan[g.name]))
+        masks.commit()
+        for op in g.channel_ops(plan[g.name]):
+            ledger.remove(op)
+    masked_out, predicted = run(model, images), ledger.footprint()
+    masks.clear()
+    apply_plan(model, images, groups, plan)
+    torch.testing.assert_close(run(model, images), masked_out, rtol=1e-4, atol=1e-4)
+    assert predicted == footprint(model, images)
