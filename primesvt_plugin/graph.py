@@ -261,6 +261,8 @@ def ops_of_tp_group(group: tp.dependency.Group, selected: set[int], layouts: dic
             ops += attention_ops(layouts[module], WIDTH, idxs)
         elif isinstance(module, spiking_types):
             ops.append(ChannelOp(module, OUT, idxs, of=len(item.idxs)))
+            ops += [ChannelOp(bn, OUT, idxs) for bn in module.modules()
+                    if isinstance(bn, nn.modules.batchnorm._BatchNorm)]  # e.g. MPBN neurons
         elif tp.ops.module2type(module) in tp.pruner.function.PrunerBox:
             ops.append(ChannelOp(module, direction, idxs))
     return ops

@@ -48,6 +48,18 @@ def primesvt_prune_spiking_layer(layer, idxs):
 
 
 @hookspec(firstresult=True)
+def primesvt_export_forward(layer):
+    """Return a plain-PyTorch multi-step forward ``f(x_seq) -> spikes`` for ``layer``, or ``None``.
+
+    Exporters (ONNX, OpenVINO, and NNCF quantization through OpenVINO) trace the
+    model; SpikingJelly's fused neuron kernels are custom operators no exporter
+    can convert, so while exporting each spiking layer runs this forward
+    instead. It must compute what the layer computes at inference, from a
+    fresh state (the exporter resets the model before every call).
+    """
+
+
+@hookspec(firstresult=True)
 def primesvt_attention_layout(module):
     """Describe ``module`` as a spiking self-attention block, or return ``None``.
 

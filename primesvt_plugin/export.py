@@ -1,0 +1,122 @@
+"""Export spiking models for embedded runtimes: ONNX, OpenVINO IR, and INT8 through NNCF.
+
+SpikingJelly runs neurons through fused custom operators (``sj_lif::forward``)
+that no exporter can convert. While exporting, every stateful layer runs the
+plain-PyTorch forward its plugin gives (``primesvt_export_forward``) and the
+model is traced from a fresh state with its time loop unrolled; the model is
+restored afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pluggy
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import functional
+
+from .memory import stateful_modules
+from .plugins import get_plugin_manager
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported (a layer without an exportable forward, a failing converter)."""
+
+
+class FreshStateModel(nn.Module):
+    """Runs the wrapped spiking model from a reset state: what exporters should trace."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        functional.reset_net(self.model)
+        return self.model(x)
+
+
+@contextlib.contextmanager
+def exportable(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Iterator[nn.Module]:
+    """Inside: ``model`` (eval mode) runs plain-PyTorch neuron forwards; yields a traceable wrapper."""
+    pm = pm or get_plugin_manager()
+    names = {m: n for n, m in model.named_modules()}
+    layers = [m for m in stateful_modules(model) if len(m._memories) > 0]
+    forwards = {}
+    for layer in layers:
+        forward = pm.hook.primesvt_export_forward(layer=layer)
+        if forward is None:
+            raise ExportError(
+                f"layer {names[layer]!r} ({type(layer).__qualname__}) has no exportable forward; "
+                "a plugin must implement primesvt_export_forward for it")
+        if getattr(layer, "step_mode", "m") != "m":
+            raise ExportError(f"layer {names[layer]!r} is in single-step mode; export needs multi-step ('m')")
+        forwards[layer] = forward
+    was_training = model.training
+    model.eval()
+    try:
+        for layer, forward in forwards.items():
+            layer.forward = forward
+        yield FreshStateModel(model)
+    finally:
+        for layer in forwards:
+            layer.__dict__.pop("forward", None)
+        functional.reset_net(model)
+        model.train(was_training)
+
+
+def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None) -> list[Path]:
+    """Write ``path`` (.onnx); the batch size is the example's (spiking reshapes bake it in)."""
+    with exportable(model, pm) as traceable, torch.no_grad():
+        try:
+            torch.onnx.export(traceable, (example_input,), str(path), dynamo=False, opset_version=17,
+                              input_names=["images"], output_names=["outputs"])
+        except Exception as error:
+            raise ExportError(f"ONNX export failed: {error}") from error
+    return [path]
+
+
+def to_openvino_model(model: nn.Module, example_input: torch.Tensor, pm=None):
+    """An ``openvino.Model`` of ``model`` (FP32)."""
+    import openvino as ov
+
+    with exportable(model, pm) as traceable, torch.no_grad():
+        try:
+            return ov.convert_model(traceable, example_input=example_input)
+        except Exception as error:
+            raise ExportError(f"OpenVINO conversion failed: {error}") from error
+
+
+def save_openvino(ov_model, path: Path) -> list[Path]:
+    """Write ``path`` (.xml) and its .bin, weights kept at their own precision."""
+    import openvino as ov
+
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    return [path, path.with_suffix(".bin")]
+
+
+def to_openvino(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None) -> list[Path]:
+    return save_openvino(to_openvino_model(model, example_input, pm), path)
+
+
+def quantize_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray],
+                  subset_size: int = 300, pm=None):
+    """Post-training INT8 quantization (weights and activations) with NNCF, on OpenVINO IR."""
+    import nncf
+
+    ov_model = to_openvino_model(model, example_input, pm)
+    batches = [np.asarray(batch, dtype=np.float32) for batch in calibration]
+    if not batches:
+        raise ExportError("INT8 quantization needs at least one calibration batch")
+    return nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=subset_size)
+
+
+def run_openvino(ov_model, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
+    """Outputs of an OpenVINO model on ``images`` (one request per batch)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(ov_model, "CPU")
+    outputs = [compiled(images[i:i + batch_size])[0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs, axis=-2 if outputs[0].ndim == 3 else 0)
