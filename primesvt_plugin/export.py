@@ -9,6 +9,7 @@ restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -59,7 +60,10 @@ def exportable(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Iter
     try:
         for layer, forward in forwards.items():
             layer.forward = forward
-        yield FreshStateModel(model)
+        with warnings.catch_warnings():
+            # The unrolled time loop and shape checks are constants for a fixed input shape.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            yield FreshStateModel(model)
     finally:
         for layer in forwards:
             layer.__dict__.pop("forward", None)

@@ -103,7 +103,10 @@ def primesvt_datasets():
 def primesvt_quantizers():
     """Return ``{name: quantize}``.
 
-    ``quantize(model, calibration_batches, **args)`` returns a quantized model.
+    ``quantize(model, example_input, calibration, **args)`` gets the FP32 model,
+    one example batch and an iterable of calibration batches (numpy arrays), and
+    returns an artifact with ``save(path) -> list[Path]``, ``predict(images) ->
+    outputs`` and ``weight_bytes(files) -> int`` (see ``primesvt_plugin.quantized``).
     Names are what recipes put in ``quantize.method``.
     """
 
@@ -112,6 +115,6 @@ def primesvt_quantizers():
 def primesvt_exporters():
     """Return ``{name: export}``.
 
-    ``export(model, example_input, path)`` writes ``path`` and returns the
-    list of files it wrote. Names are what recipes put in ``export.formats``.
+    ``export(model, example_input, path)`` writes files named after ``path``
+    (a stem; the exporter picks the suffix) and returns the list of files written. Names are what recipes put in ``export.formats``.
     """

@@ -171,6 +171,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
                    "predicted_memory": predicted.as_dict()},
         "finetuned": None if finetuned_accuracy is None else {"accuracy": finetuned_accuracy},
         "groups": [vars(records[g.name]) for g in groups],
+        "plan": plan,
         "evaluations": evaluate_model.calls,
         "rates": rates,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

@@ -1,1 +1,27 @@
-"""(filled below)"""
+"""Exporters (recipe ``export.formats``): TorchScript, ONNX, OpenVINO IR."""
+from __future__ import annotations
+
+import torch
+
+from ..export import ExportError, exportable, to_onnx, to_openvino
+from ..plugins import hookimpl
+
+
+def to_torchscript(model, example_input, path):
+    """A traced TorchScript module (``torch.jit.load`` runs it without primesvt or SpikingJelly)."""
+    target = path.with_suffix(".torchscript.pt")
+    with exportable(model) as traceable, torch.no_grad():
+        try:
+            torch.jit.save(torch.jit.trace(traceable, example_input), str(target))
+        except Exception as error:
+            raise ExportError(f"TorchScript export failed: {error}") from error
+    return [target]
+
+
+@hookimpl
+def primesvt_exporters():
+    return {
+        "torchscript": to_torchscript,
+        "onnx": lambda model, example_input, path: to_onnx(model, example_input, path.with_suffix(".onnx")),
+        "openvino": lambda model, example_input, path: to_openvino(model, example_input, path.with_suffix(".xml")),
+    }

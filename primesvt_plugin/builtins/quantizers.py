@@ -1,1 +1,16 @@
-"""(filled below)"""
+"""INT8 post-training quantization with NNCF (recipe ``quantize.method``)."""
+from __future__ import annotations
+
+from ..export import quantize_int8
+from ..plugins import hookimpl
+from ..quantized import OpenVINOArtifact
+
+
+def nncf_int8(model, example_input, calibration, subset_size: int = 300, **_):
+    """NNCF INT8 (weights and activations) on the OpenVINO IR of ``model``."""
+    return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size))
+
+
+@hookimpl
+def primesvt_quantizers():
+    return {"nncf_int8": nncf_int8}

@@ -1,0 +1,156 @@
+"""YAML recipes: the schema (pydantic), loading, ``--set`` overrides and one-line errors.
+
+Relative paths inside a recipe (``model.checkpoint``, ``data.args.path`` /
+``data.args.root``) are resolved against the recipe file's folder and may not
+leave it; ``out`` is resolved against the working directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATA_PATH_ARGS = ("path", "root")
+
+
+class RecipeError(ValueError):
+    """A recipe file is missing, not YAML, or does not fit the schema; the message names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name: str = Field(description="registered builder (e.g. spikformer) or 'package.module:function'")
+    args: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path | None = Field(None, description="state dict (.pt) of the unpruned model")
+
+
+class DataSection(Section):
+    name: str = "digits"
+    args: dict[str, Any] = Field(default_factory=dict)
+    val_subset: int | None = Field(None, gt=0, description="validation samples the pruning policy evaluates on")
+    batch_size: int = Field(128, gt=0)
+
+
+class TrainSection(Section):
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(64, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class PruneSection(Section):
+    method: Literal["prime", "uniform"] = "prime"
+    memory_saving: float = Field(0.2668, gt=0, lt=1, description="wanted fraction of memory saved")
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1, description="allowed validation accuracy drop (0-1)")
+    rates: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    ratio: float = Field(0.3, ge=0, lt=1, description="uniform method: ratio of every group")
+    importance: str = "l2"
+
+    @field_validator("rates")
+    @classmethod
+    def _rates_are_fractions(cls, rates: list[float]) -> list[float]:
+        if not rates or any(not 0 < r < 1 for r in rates):
+            raise ValueError("rates must be a non-empty list of fractions in (0, 1)")
+        return rates
+
+
+class FinetuneSection(Section):
+    epochs: int = Field(2, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class QuantizeSection(Section):
+    method: str = "nncf_int8"
+    calibration_size: int = Field(300, gt=0)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExportSection(Section):
+    formats: list[str] = Field(default_factory=lambda: ["onnx", "openvino"])
+
+
+class Recipe(Section):
+    seed: int = 0
+    out: Path = Path("runs/out")
+    model: ModelSection
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection | None = None
+    prune: PruneSection | None = None
+    finetune: FinetuneSection | None = None
+    quantize: QuantizeSection | None = None
+    export: ExportSection | None = None
+    source: Path | None = Field(None, exclude=True, description="the recipe file (set by load_recipe)")
+
+    @model_validator(mode="after")
+    def _has_work(self) -> "Recipe":
+        if not (self.prune or self.quantize or self.export or self.train):
+            raise ValueError("recipe has nothing to do: add at least one of train, prune, quantize, export")
+        return self
+
+    def resolve(self, path: Path | str, field: str) -> Path:
+        """``path`` from the recipe, resolved against the recipe's folder; refuses to leave it."""
+        path = Path(path)
+        if path.is_absolute() or self.source is None:
+            return path
+        base = self.source.parent.resolve()
+        resolved = (base / path).resolve()
+        if not resolved.is_relative_to(base):
+            raise RecipeError(f"{self.source}: {field}: relative path {str(path)!r} leaves the recipe's "
+                              f"folder {base}; use an absolute path")
+        return resolved
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a recipe dict."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {override!r}: expected KEY=VALUE, e.g. prune.memory_saving=0.3")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {override!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def _field_path(error: dict) -> str:
+    return ".".join(str(part) for part in error["loc"]) or "(top level)"
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; errors are one line naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise RecipeError(f"{path}:{line} not valid YAML: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise RecipeError(f"{path}: {_field_path(first)}: {first['msg']}{more}") from None
+    recipe.source = path.resolve()
+    if recipe.model.checkpoint is not None:
+        recipe.resolve(recipe.model.checkpoint, "model.checkpoint")
+    for key in DATA_PATH_ARGS:
+        if key in recipe.data.args:
+            recipe.resolve(recipe.data.args[key], f"data.args.{key}")
+    return recipe

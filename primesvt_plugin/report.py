@@ -1,0 +1,63 @@
+"""Human-readable run reports: report.md and the sensitivity / memory figure."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _kib(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 1024:.1f} KiB"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [f"# primesvt run: {report['recipe']}", "", f"Finished {report['finished']} in {report['seconds']:.1f} s.", ""]
+    lines += ["| stage | test accuracy | memory (FP32 params+buffers+state) | weight bytes |", "|---|---|---|---|"]
+    for stage in report["stages"]:
+        lines.append(f"| {stage['stage']} | {_pct(stage.get('test_accuracy'))} | {_kib(stage.get('memory_bytes'))} "
+                     f"| {_kib(stage.get('weight_bytes'))} |")
+    lines += ["", "## Checks", ""]
+    for name, check in report["checks"].items():
+        lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['detail']}")
+    prime = report.get("prune")
+    if prime and "groups" in prime:
+        lines += ["", "## Pruning groups (largest memory first)", "",
+                  "| group | channels | memory | target rate | chosen rate | removed | freed |", "|---|---|---|---|---|---|---|"]
+        for g in prime["groups"]:
+            lines.append(f"| {g['name']} | {g['channels']} | {_kib(g['memory_bytes'])} | {g['target_rate']:.1f} "
+                         f"| {g['chosen_rate']:.1f} | {g['removed_channels']} | {_kib(g['freed_bytes'])} |")
+        lines += ["", f"Policy: {prime['reason']}; {prime['evaluations']} evaluations; "
+                  f"timings {prime['timings_s']}."]
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in report["files"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_sensitivity(prime_report: dict, path: Path) -> None:
+    """Accuracy vs pruning rate per group, and memory per group (chosen part shaded)."""
+    groups = prime_report["groups"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for g in groups:
+        if g["sensitivity"]:
+            left.plot([s["rate"] for s in g["sensitivity"]], [s["accuracy"] for s in g["sensitivity"]],
+                      marker="o", label=g["name"])
+    floor = prime_report["baseline"]["accuracy"] - prime_report["constraints"]["max_accuracy_drop"]
+    left.axhline(floor, color="k", linestyle="--", label="allowed floor")
+    left.set(xlabel="pruning rate (group alone)", ylabel="validation accuracy", title="Sensitivity")
+    left.legend(fontsize=6)
+    names = [g["name"].split(".")[-1] if len(g["name"]) > 24 else g["name"] for g in groups]
+    right.barh(names, [g["memory_bytes"] / 1024 for g in groups], color="#bbb", label="memory")
+    right.barh(names, [g["freed_bytes"] / 1024 for g in groups], color="#c33", label="freed")
+    right.invert_yaxis()
+    right.set(xlabel="KiB", title="Memory per group")
+    right.tick_params(axis="y", labelsize=6)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
