@@ -1,8 +1,11 @@
 """Build models by name: a registered builder, or ``package.module:function``."""
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Any
+import sys
+from pathlib import Path
+from typing import Any, Iterator
 
 import pluggy
 import torch.nn as nn
@@ -10,12 +13,26 @@ import torch.nn as nn
 from .plugins import PluginError, get_plugin_manager, merged_registry
 
 
-def resolve_builder(name: str, pm: pluggy.PluginManager | None = None):
-    """The callable a model name refers to."""
+@contextlib.contextmanager
+def importable_from(folder: Path | None) -> Iterator[None]:
+    """Inside: modules in ``folder`` (a recipe's folder) can be imported."""
+    if folder is None:
+        yield
+        return
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+
+
+def resolve_builder(name: str, pm: pluggy.PluginManager | None = None, search_path: Path | None = None):
+    """The callable a model name refers to (``search_path``: extra folder for 'module:function')."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), attr)
+            with importable_from(search_path):
+                return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as error:
             raise PluginError(f"cannot import model builder {name!r}: {error}") from None
     builders = merged_registry(pm or get_plugin_manager(), "primesvt_model_builders")
@@ -25,10 +42,11 @@ def resolve_builder(name: str, pm: pluggy.PluginManager | None = None):
     return builders[name]
 
 
-def build_model(name: str, args: dict[str, Any] | None = None, pm: pluggy.PluginManager | None = None) -> nn.Module:
+def build_model(name: str, args: dict[str, Any] | None = None, pm: pluggy.PluginManager | None = None,
+                search_path: Path | None = None) -> nn.Module:
     """Call the builder ``name`` with ``args``; its result must be an ``nn.Module``."""
     try:
-        model = resolve_builder(name, pm)(**(args or {}))
+        model = resolve_builder(name, pm, search_path)(**(args or {}))
     except TypeError as error:
         raise PluginError(f"model {name!r} rejected its arguments {sorted(args or {})}: {error}") from None
     if not isinstance(model, nn.Module):

@@ -6,7 +6,7 @@ from ..plugins import hookimpl
 from ..quantized import OpenVINOArtifact
 
 
-def nncf_int8(model, example_input, calibration, subset_size: int = 300, **_):
+def nncf_int8(model, example_input, calibration, subset_size: int = 300):
     """NNCF INT8 (weights and activations) on the OpenVINO IR of ``model``."""
     return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size))
 
