@@ -80,3 +80,22 @@ def test_duplicate_registry_names_are_refused():
     pm.register(Clash(), name="clash")
     with pytest.raises(PluginError, match="'l2' is registered twice"):
         merged_registry(pm, "primesvt_importances")
+
+
+def test_plugin_model_dataset_and_exporter_work_from_yaml(tmp_path, capsys):
+    from primesvt_plugin.cli import main
+
+    recipe = tmp_path / "plugin.yaml"
+    recipe.write_text(
+        "model:\n  name: example_spikformer\n  args: {T: 2, in_channels: 1, img_size_h: 16, img_size_w: 16,"
+        " patch_size: 4, num_classes: 10, embed_dims: 32, num_heads: 4, depths: 1}\n"
+        "data: {name: digits_mirrored, args: {image_size: 16}}\ntrain: {epochs: 1}\n"
+        "prune: {method: uniform, ratio: 0.5}\nexport: {formats: [state_dict_fp16]}\n")
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    exported = torch.load(out / "model.fp16.pt")
+    assert exported["blocks.0.mlp.neuron1.threshold"].dtype == torch.float16
+    assert exported["blocks.0.mlp.neuron1.threshold"].numel() == 64  # 128 hidden channels, half pruned
+    assert main(["plugins"]) == 0
+    listing = capsys.readouterr().out
+    assert "example_neuron" in listing and "digits_mirrored" in listing and "state_dict_fp16" in listing

@@ -60,3 +60,20 @@ def export_state_dict_fp16(model: nn.Module, example_input: torch.Tensor, path) 
 @hookimpl
 def primesvt_exporters():
     return {"state_dict_fp16": export_state_dict_fp16}
+
+
+@hookimpl
+def primesvt_export_forward(layer):
+    if not isinstance(layer, ChannelThresholdLIF):
+        return None
+
+    def forward(x_seq: torch.Tensor) -> torch.Tensor:  # plain ops: exporters cannot trace the surrogate
+        v, spikes = torch.zeros_like(x_seq[0]), []
+        for x in x_seq:
+            v = v + (x - v) / layer.tau
+            spike = (v >= layer._threshold_like(x)).to(x.dtype)
+            v = v * (1.0 - spike)
+            spikes.append(spike)
+        return torch.stack(spikes)
+
+    return forward
