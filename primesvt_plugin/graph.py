@@ -115,6 +115,8 @@ class SpikingGraph:
         self.spiking_types = tuple(t for types in self.pm.hook.primesvt_spiking_layer_types() for t in types)
         self.layouts = {m: layout for m in model.modules()
                         if (layout := self.pm.hook.primesvt_attention_layout(module=m)) is not None}
+        for module, layout in self.layouts.items():
+            layout.check(self.names[module])
         inside_attention = {sub for m in self.layouts for sub in m.modules() if sub is not m}
         self.spiking_layers = [m for m in model.modules()
                                if isinstance(m, self.spiking_types) and m not in inside_attention]

@@ -165,7 +165,8 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     report = {
         "constraints": {"memory_saving": memory_saving, "max_accuracy_drop": max_accuracy_drop},
         "constraints_met": met,
-        "reason": _reason(met, saving, memory_saving, final_accuracy, floor, baseline, max_accuracy_drop),
+        "reason": _reason(met, saving, memory_saving, final_accuracy, floor, baseline, max_accuracy_drop,
+                          len(groups)),
         "baseline": {"accuracy": baseline, "memory": before.as_dict()},
         "pruned": {"accuracy": pruned_accuracy, "memory": after.as_dict(), "memory_saving": saving,
                    "predicted_memory": predicted.as_dict()},
@@ -229,7 +230,10 @@ def _compress(groups, records, plan_for, masks, evaluate_model, floor, ledger: L
     return plan, predicted
 
 
-def _reason(met, saving, wanted, accuracy, floor, baseline, drop) -> str:
+def _reason(met, saving, wanted, accuracy, floor, baseline, drop, n_groups) -> str:
+    if n_groups == 0:
+        return ("nothing to prune: the model has no prunable groups (every conv/linear is ignored, "
+                "an output layer, or too narrow to keep whole heads)")
     if met:
         return f"memory saving {saving:.2%} >= {wanted:.2%} with accuracy {accuracy:.4f} >= {floor:.4f}"
     if saving < wanted:

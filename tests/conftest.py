@@ -4,29 +4,25 @@ from __future__ import annotations
 import pytest
 import torch
 from spikingjelly.activation_based import functional
-from spikingjelly.activation_based.model import maxformer, qkformer, spike_driven_transformer, spikformer
 
 from primesvt_plugin.attention import AttentionLayout
+from primesvt_plugin.building import build_model
 from primesvt_plugin.plugins import get_plugin_manager
 
-SMALL_SVITS = {
-    "spikformer": lambda: spikformer.Spikformer(
-        T=2, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num_classes=10,
-        embed_dims=64, num_heads=4, mlp_ratio=4, depths=2),
-    "spike_driven_transformer": lambda: spike_driven_transformer.SpikeDrivenTransformer(
-        T=2, in_channels=3, num_classes=10, embed_dims=64, num_heads=4, depths=2),
-    "qkformer": lambda: qkformer.QKFormer(
-        T=2, in_channels=3, num_classes=10, embed_dims=64, num_heads=(2, 4, 4), depths=(1, 1, 1)),
-    "maxformer": lambda: maxformer.MaxFormer(
-        T=2, in_channels=3, num_classes=10, embed_dims=64, depths=(1, 1, 1), cifar=True),
+# Builder name (registered by our builtins) -> arguments of a CPU-test-sized model.
+SMALL_SVIT_ARGS = {
+    "spikformer": dict(T=2, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num_classes=10,
+                       embed_dims=64, num_heads=4, mlp_ratio=4, depths=2),
+    "spike_driven_transformer": dict(T=2, in_channels=3, num_classes=10, embed_dims=64, num_heads=4, depths=2),
+    "qkformer": dict(T=2, in_channels=3, num_classes=10, embed_dims=64, num_heads=[2, 4, 4], depths=[1, 1, 1]),
+    "maxformer": dict(T=2, in_channels=3, num_classes=10, embed_dims=64, depths=[1, 1, 1], cifar=True),
 }
+SMALL_SVITS = list(SMALL_SVIT_ARGS)
 
 
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if name == "spikformer_cifar10":
-        return spikformer.spikformer_cifar10()
-    return SMALL_SVITS[name]()
+    return build_model(name, SMALL_SVIT_ARGS.get(name, {}))
 
 
 @pytest.fixture

@@ -1,0 +1,251 @@
+"""Hostile inputs and failure paths: nothing half-done, nothing silently wrong."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from spikingjelly.activation_based import neuron
+from spikingjelly.activation_based.model import spikformer
+
+from primesvt_plugin import PruningFailed, SpikingGraph, SpikingPruner
+from primesvt_plugin.data import DataError, npz_splits
+from primesvt_plugin.plugins import hookimpl, new_plugin_manager
+from primesvt_plugin.policy import prime
+from primesvt_plugin.recipe import RecipeError, load_recipe
+from primesvt_plugin.serialization import CheckpointError, load_pruned, save_pruned
+
+from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, assert_heads_consistent, build, param_count, run
+
+SMALL_SPIKFORMER = dict(T=2, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num_classes=10,
+                        embed_dims=64, num_heads=4, mlp_ratio=4, depths=2)
+
+
+class BreaksThirdNeuron:
+    """A plugin whose neuron pruning fails part-way through a group."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @hookimpl(tryfirst=True)
+    def primesvt_prune_spiking_layer(self, layer, idxs):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("simulated failure inside a structural change")
+        return None
+
+
+def test_failure_mid_pruning_restores_the_model(images):
+    pm = new_plugin_manager()
+    pm.register(BreaksThirdNeuron(), name="breaker")
+    model = build("spikformer")
+    before_out = run(model, images)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = SpikingPruner(model, images, pruning_ratio=0.5, pm=pm)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        pruner.step()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in before_state.items()}
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(run(model, images), before_out)
+
+
+class ForgetsHeadDim:
+    """A buggy attention plugin: prunes Spike-driven attention but never updates head_dim."""
+
+    @hookimpl(tryfirst=True)
+    def primesvt_attention_layout(self, module):
+        from primesvt_plugin.builtins.attention import _spike_driven_self_attention
+        from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention
+
+        if isinstance(module, SpikeDrivenSelfAttention):
+            layout = _spike_driven_self_attention(module)
+            layout.on_resize = None
+            return layout
+        return None
+
+
+def test_broken_attention_update_is_caught_and_restored(images):
+    pm = new_plugin_manager()
+    pm.register(ForgetsHeadDim(), name="forgets-head-dim")
+    model = build("spike_driven_transformer")
+    before_out = run(model, images)
+    with pytest.raises(PruningFailed, match="no longer runs after pruning"):
+        SpikingPruner(model, images, pruning_ratio=0.5, pm=pm).step()
+    assert torch.equal(run(model, images), before_out)
+    assert_heads_consistent(model)
+
+
+def test_layout_with_heads_not_dividing_the_width_is_refused(images):
+    class LiesAboutHeads:
+        @hookimpl(tryfirst=True)
+        def primesvt_attention_layout(self, module):
+            from primesvt_plugin.builtins.attention import _spiking_self_attention
+            from spikingjelly.activation_based.layer.attention import SpikingSelfAttention
+
+            if isinstance(module, SpikingSelfAttention):
+                layout = _spiking_self_attention(module)
+                layout.num_heads = 3
+                return layout
+            return None
+
+    pm = new_plugin_manager()
+    pm.register(LiesAboutHeads(), name="lies")
+    with pytest.raises(ValueError, match=r"attention blocks\.0\.attn: inner width 64 is not 3 equal heads"):
+        SpikingGraph(build("spikformer"), images, pm=pm)
+
+
+@pytest.mark.parametrize("name", list(SMALL_SVITS))
+def test_save_load_round_trip_is_bitwise(name, images, tmp_path):
+    model = build(name)
+    plan = SpikingPruner(model, images, pruning_ratio=0.3).step()
+    path = save_pruned(model, tmp_path / "m.pt", name, SMALL_SVIT_ARGS[name], tuple(images.shape), plan)
+    loaded = load_pruned(path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert torch.equal(run(loaded, images), run(model, images))
+    assert_heads_consistent(loaded)
+
+
+def test_foreign_and_truncated_files_are_clear_errors(tmp_path, images):
+    plain = tmp_path / "plain.pt"
+    torch.save(build("spikformer").state_dict(), plain)
+    with pytest.raises(CheckpointError, match="not a primesvt pruned model"):
+        load_pruned(plain)
+    model = spikformer.Spikformer(**SMALL_SPIKFORMER)
+    good = save_pruned(model, tmp_path / "good.pt", "spikformer", SMALL_SPIKFORMER, tuple(images.shape), {})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_pruned(truncated)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_pruned(tmp_path / "missing.pt")
+
+
+def test_prime_is_deterministic_and_leaves_the_input_alone(images):
+    model = build("spikformer")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    target = run(model, images).mean(0).argmax(1)
+
+    def agreement(m):
+        return float((run(m, images).mean(0).argmax(1) == target).float().mean())
+
+    reports = [prime(model, images, agreement, 0.3, 0.5, progress=False).report for _ in range(2)]
+    for key in ("plan", "pruned", "groups", "evaluations"):
+        assert reports[0][key] == reports[1][key]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_batch_of_one_and_a_single_time_step(images):
+    model = spikformer.Spikformer(**{**SMALL_SPIKFORMER, "T": 1})
+    x = images[:1]
+    before_out, before_params = run(model, x), param_count(model)
+    SpikingPruner(model, x, pruning_ratio=0.5).step()
+    assert run(model, x).shape == before_out.shape and param_count(model) < before_params
+
+
+def test_nothing_prunable_is_reported_not_crashed():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(2, 3, 2, 2)
+    result = prime(model, x, lambda m: 1.0, 0.2, 0.01, progress=False)
+    assert result.report["reason"].startswith("nothing to prune")
+    assert not result.report["constraints_met"] and result.report["plan"] == {}
+    assert torch.equal(result.model(x), model(x))
+
+
+def test_everything_ignored_prunes_nothing(images):
+    model = build("spikformer")
+    before = run(model, images)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    pruner = SpikingPruner(model, images, pruning_ratio=0.5, ignored_layers=convs + list(model.modules()))
+    assert pruner.plan() == {}
+    pruner.step()
+    assert torch.equal(run(model, images), before)
+
+
+@pytest.mark.parametrize("saving, drop", [(0.001, 1.0), (0.999, 1.0), (0.5, 0.0)])
+def test_constraint_limits(saving, drop, images):
+    model = build("spikformer")
+    result = prime(model, images, lambda m: 0.5, saving, drop, progress=False)
+    report = result.report
+    assert report["pruned"]["memory"]["total_bytes"] <= report["baseline"]["memory"]["total_bytes"]
+    if saving < 0.01:
+        assert report["constraints_met"]
+    if saving > 0.99:
+        assert not report["constraints_met"] and report["reason"].startswith("best feasible")
+    run(result.model, images)
+
+
+@pytest.mark.parametrize("bad", [dict(memory_saving=0.0), dict(memory_saving=1.0), dict(max_accuracy_drop=-1),
+                                 dict(rates=[0.0, 0.5]), dict(rates=[])])
+def test_invalid_policy_arguments(bad, images):
+    args = dict(memory_saving=0.2, max_accuracy_drop=0.01) | bad
+    with pytest.raises(ValueError):
+        prime(build("spikformer"), images, lambda m: 1.0, progress=False, **args)
+
+
+def test_tiny_and_malformed_data(tmp_path):
+    tiny = tmp_path / "tiny.npz"
+    np.savez(tiny, x=np.zeros((3, 8, 8), np.float32), y=np.arange(3))
+    with pytest.raises(DataError, match="too few"):
+        npz_splits(tiny)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((30, 8, 8)))
+    with pytest.raises(DataError, match="must hold arrays 'x' and 'y'"):
+        npz_splits(wrong)
+    mismatched = tmp_path / "mismatch.npz"
+    np.savez(mismatched, x=np.zeros((30, 1, 8, 8)), y=np.zeros(29))
+    with pytest.raises(DataError, match="30 images but 29 labels"):
+        npz_splits(mismatched)
+
+
+recipe_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8)
+recipe_sections = st.dictionaries(
+    st.sampled_from(["model", "data", "train", "prune", "finetune", "quantize", "export", "seed", "out", "extra"]),
+    recipe_values | st.dictionaries(st.sampled_from(["name", "args", "epochs", "memory_saving", "rates",
+                                                      "method", "formats", "checkpoint", "lr"]), recipe_values),
+    max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(recipe_sections)
+def test_fuzzed_recipes_load_or_fail_cleanly(tmp_path, data):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        load_recipe(path)
+    except RecipeError as error:
+        assert str(error).startswith(str(path)) and "\n" not in str(error)
+
+
+PLAIN_TP_SCRIPT = """
+import torch, torch.nn as nn, torch_pruning as tp
+torch.manual_seed(0)
+cnn = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+x = torch.rand(2, 3, 16, 16)
+tp.pruner.MetaPruner(cnn, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+                     ignored_layers=[cnn[-1]]).step()
+print(sum(p.numel() for p in cnn.parameters()), float(cnn(x).detach().sum()))
+"""
+
+
+def test_no_global_patching_plain_torch_pruning_unchanged(images):
+    fresh = subprocess.run([sys.executable, "-c", PLAIN_TP_SCRIPT], capture_output=True, text=True, check=True)
+    registered = {k: type(v) for k, v in tp.DependencyGraph().REGISTERED_PRUNERS.items()}
+    model = build("spikformer")
+    SpikingPruner(model, images, pruning_ratio=0.3).step()  # use everything we have in this process
+    after = {}
+    exec(PLAIN_TP_SCRIPT.replace("print(", "after['line'] = ("), {"after": after})
+    assert fresh.stdout.split() == [str(v) for v in after["line"]]
+    assert {k: type(v) for k, v in tp.DependencyGraph().REGISTERED_PRUNERS.items()} == registered
+    assert tp.DependencyGraph().CUSTOMIZED_PRUNERS == {}
+    assert not any("forward" in m.__dict__ for m in model.modules())
