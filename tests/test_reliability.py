@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 from spikingjelly.activation_based import neuron
 from spikingjelly.activation_based.model import spikformer
 
+from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
+
 from primesvt_plugin import PruningFailed, SpikingGraph, SpikingPruner
+from primesvt_plugin.builtins.attention import _spike_driven_self_attention, _spiking_self_attention
 from primesvt_plugin.data import DataError, npz_splits
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
 from primesvt_plugin.policy import prime
@@ -56,24 +59,27 @@ def test_failure_mid_pruning_restores_the_model(images):
     assert torch.equal(run(model, images), before_out)
 
 
-class ForgetsHeadDim:
-    """A buggy attention plugin: prunes Spike-driven attention but never updates head_dim."""
+def layout_plugin(attention_class, make_layout, spoil):
+    """A plugin overriding the builtin layout of ``attention_class`` with a spoiled one."""
 
-    @hookimpl(tryfirst=True)
-    def primesvt_attention_layout(self, module):
-        from primesvt_plugin.builtins.attention import _spike_driven_self_attention
-        from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention
-
-        if isinstance(module, SpikeDrivenSelfAttention):
-            layout = _spike_driven_self_attention(module)
-            layout.on_resize = None
+    class Spoiled:
+        @hookimpl(tryfirst=True)
+        def primesvt_attention_layout(self, module):
+            if not isinstance(module, attention_class):
+                return None
+            layout = make_layout(module)
+            spoil(layout)
             return layout
-        return None
+
+    pm = new_plugin_manager()
+    pm.register(Spoiled(), name="spoiled")
+    return pm
 
 
 def test_broken_attention_update_is_caught_and_restored(images):
-    pm = new_plugin_manager()
-    pm.register(ForgetsHeadDim(), name="forgets-head-dim")
+    # A buggy plugin: prunes Spike-driven attention but never updates head_dim.
+    pm = layout_plugin(SpikeDrivenSelfAttention, _spike_driven_self_attention,
+                       lambda layout: setattr(layout, "on_resize", None))
     model = build("spike_driven_transformer")
     before_out = run(model, images)
     with pytest.raises(PruningFailed, match="no longer runs after pruning"):
@@ -83,20 +89,7 @@ def test_broken_attention_update_is_caught_and_restored(images):
 
 
 def test_layout_with_heads_not_dividing_the_width_is_refused(images):
-    class LiesAboutHeads:
-        @hookimpl(tryfirst=True)
-        def primesvt_attention_layout(self, module):
-            from primesvt_plugin.builtins.attention import _spiking_self_attention
-            from spikingjelly.activation_based.layer.attention import SpikingSelfAttention
-
-            if isinstance(module, SpikingSelfAttention):
-                layout = _spiking_self_attention(module)
-                layout.num_heads = 3
-                return layout
-            return None
-
-    pm = new_plugin_manager()
-    pm.register(LiesAboutHeads(), name="lies")
+    pm = layout_plugin(SpikingSelfAttention, _spiking_self_attention, lambda layout: setattr(layout, "num_heads", 3))
     with pytest.raises(ValueError, match=r"attention blocks\.0\.attn: inner width 64 is not 3 equal heads"):
         SpikingGraph(build("spikformer"), images, pm=pm)
 

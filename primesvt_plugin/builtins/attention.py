@@ -13,31 +13,28 @@ def _set_dim_and_head_dim(module, width: int, inner: int) -> None:
     module.head_dim = inner // module.num_heads
 
 
+def _fused_qkv_layout(m, qkv, proj, chunks: int, tied: bool, width_neuron, inner_neurons,
+                      on_resize=_set_dim_and_head_dim) -> AttentionLayout:
+    """Blocks with q/k(/v) concatenated in one conv+BN (``qkv``) and a conv+BN projection."""
+    return AttentionLayout(
+        module=m, num_heads=m.num_heads, tied=tied,
+        reads=[qkv[0]], writes=[proj[0], proj[1]],
+        inner_out=[(qkv[0], chunks), (qkv[1], chunks)], inner_in=[proj[0]],
+        width_neurons=[width_neuron], inner_neurons=inner_neurons, on_resize=on_resize,
+    )
+
+
 def _spiking_self_attention(m: sj_attention.SpikingSelfAttention) -> AttentionLayout:
     # Spikformer's SSA reads the local q/k/v width from the qkv tensor: inner is free.
-    qkv_conv, qkv_bn = m.qkv_conv_bn[0], m.qkv_conv_bn[1]
-    proj_conv, proj_bn = m.proj_conv_bn[0], m.proj_conv_bn[1]
-    return AttentionLayout(
-        module=m, num_heads=m.num_heads, tied=False,
-        reads=[qkv_conv], writes=[proj_conv, proj_bn],
-        inner_out=[(qkv_conv, 3), (qkv_bn, 3)], inner_in=[proj_conv],
-        width_neurons=[m.proj_lif], inner_neurons=[(m.qkv_lif, 3), (m.attn_lif, 1)],
-        on_resize=_set_dim_and_head_dim,
-    )
+    return _fused_qkv_layout(m, m.qkv_conv_bn, m.proj_conv_bn, 3, False, m.proj_lif,
+                             [(m.qkv_lif, 3), (m.attn_lif, 1)])
 
 
 def _qk_attention(m: sj_attention.QKAttention) -> AttentionLayout:
     # QKFormer reshapes q/k with the input C: inner is tied to the residual width.
-    qk_conv, qk_bn = m.qk_conv_bn[0], m.qk_conv_bn[1]
-    proj_conv, proj_bn = m.proj_conv_bn[0], m.proj_conv_bn[1]
     attn_chunks = 1 if m.qka_type == "channel" else 0  # token attention sums the channels away
-    return AttentionLayout(
-        module=m, num_heads=m.num_heads, tied=True,
-        reads=[qk_conv], writes=[proj_conv, proj_bn],
-        inner_out=[(qk_conv, 2), (qk_bn, 2)], inner_in=[proj_conv],
-        width_neurons=[m.proj_lif], inner_neurons=[(m.qk_lif, 2), (m.attn_lif, attn_chunks)],
-        on_resize=_set_dim_and_head_dim,
-    )
+    return _fused_qkv_layout(m, m.qk_conv_bn, m.proj_conv_bn, 2, True, m.proj_lif,
+                             [(m.qk_lif, 2), (m.attn_lif, attn_chunks)])
 
 
 def _spike_driven_self_attention(m: sj_attention.SpikeDrivenSelfAttention) -> AttentionLayout:
@@ -53,14 +50,8 @@ def _spike_driven_self_attention(m: sj_attention.SpikeDrivenSelfAttention) -> At
 
 
 def _maxformer_cifar_ssa(m) -> AttentionLayout:
-    qkv_conv, qkv_bn = m.qkv[0], m.qkv[1]
-    proj_conv, proj_bn = m.proj[0], m.proj[1]
-    return AttentionLayout(
-        module=m, num_heads=m.num_heads, tied=True,
-        reads=[qkv_conv], writes=[proj_conv, proj_bn],
-        inner_out=[(qkv_conv, 3), (qkv_bn, 3)], inner_in=[proj_conv],
-        width_neurons=[m.input_lif], inner_neurons=[(m.qkv_lif, 3), (m.attn_lif, 1)],
-    )
+    return _fused_qkv_layout(m, m.qkv, m.proj, 3, True, m.input_lif, [(m.qkv_lif, 3), (m.attn_lif, 1)],
+                             on_resize=None)
 
 
 _LAYOUTS = [
