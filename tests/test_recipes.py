@@ -13,9 +13,8 @@ import torch
 
 from primesvt_plugin.cli import main
 from primesvt_plugin.data import digits_splits
-from primesvt_plugin.recipe import RecipeError, load_recipe
+from primesvt_plugin.recipe import load_recipe
 from primesvt_plugin.serialization import load_pruned
-from primesvt_plugin.training import logits
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

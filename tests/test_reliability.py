@@ -12,7 +12,6 @@ import torch_pruning as tp
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from spikingjelly.activation_based import neuron
 from spikingjelly.activation_based.model import spikformer
 
 from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
@@ -27,8 +26,7 @@ from primesvt_plugin.serialization import CheckpointError, load_pruned, save_pru
 
 from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, assert_heads_consistent, build, param_count, run
 
-SMALL_SPIKFORMER = dict(T=2, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num_classes=10,
-                        embed_dims=64, num_heads=4, mlp_ratio=4, depths=2)
+SMALL_SPIKFORMER = SMALL_SVIT_ARGS["spikformer"]
 
 
 class BreaksThirdNeuron:
