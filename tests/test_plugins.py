@@ -1,6 +1,8 @@
 """The plugin contract: entry points, the example third-party plugin, clear errors."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -90,12 +92,18 @@ def test_plugin_model_dataset_and_exporter_work_from_yaml(tmp_path, capsys):
         "model:\n  name: example_spikformer\n  args: {T: 2, in_channels: 1, img_size_h: 16, img_size_w: 16,"
         " patch_size: 4, num_classes: 10, embed_dims: 32, num_heads: 4, depths: 1}\n"
         "data: {name: digits_mirrored, args: {image_size: 16}}\ntrain: {epochs: 1}\n"
-        "prune: {method: uniform, ratio: 0.5}\nexport: {formats: [state_dict_fp16]}\n")
+        "prune: {method: uniform, ratio: 0.5}\nexport: {formats: [state_dict_fp16]}\n"
+        "quantize: {method: int8_weights_only, calibration_size: 4}\n")
     out = tmp_path / "out"
     assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
     exported = torch.load(out / "model.fp16.pt")
     assert exported["blocks.0.mlp.neuron1.threshold"].dtype == torch.float16
     assert exported["blocks.0.mlp.neuron1.threshold"].numel() == 64  # 128 hidden channels, half pruned
+    report = json.loads((out / "report.json").read_text())
+    int8 = report["stages"][-1]
+    assert int8["stage"] == "int8_weights_only" and int8["weight_bytes"] == (out / "model_int8.bin").stat().st_size
+    assert int8["weight_bytes"] < report["stages"][1]["weight_bytes"] / 2
     assert main(["plugins"]) == 0
     listing = capsys.readouterr().out
-    assert "example_neuron" in listing and "digits_mirrored" in listing and "state_dict_fp16" in listing
+    for registered in ("example_neuron", "example_spikformer", "digits_mirrored", "state_dict_fp16", "int8_weights_only"):
+        assert registered in listing

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from primesvt_plugin import hookimpl
 from primesvt_plugin.data import DataSplits, digits_splits
+from primesvt_plugin.export import to_openvino_model
+from primesvt_plugin.quantized import OpenVINOArtifact
 from spikingjelly.activation_based.model import spikformer
 
 from .neuron import ChannelThresholdLIF
@@ -77,3 +79,15 @@ def primesvt_export_forward(layer):
         return torch.stack(spikes)
 
     return forward
+
+
+def int8_weights_only(model, example_input, calibration, subset_size: int = 300):
+    """NNCF weight-only INT8 compression (no calibration needed) on the OpenVINO IR."""
+    import nncf
+
+    return OpenVINOArtifact(nncf.compress_weights(to_openvino_model(model, example_input)))
+
+
+@hookimpl
+def primesvt_quantizers():
+    return {"int8_weights_only": int8_weights_only}
