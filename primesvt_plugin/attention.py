@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from .channels import IN, OUT, ChannelOp, expand_chunks
+from .channels import IN, OUT, ChannelOp, expand_chunks, prune_channels
 
 WIDTH = "width"
 INNER = "inner"
@@ -80,8 +80,10 @@ class AttentionLayout:
             neurons += [(n, c) for n, c in self.inner_neurons if c > 0]
         return neurons
 
-    def resized(self) -> None:
-        """Tell the module its new sizes (after its layers were pruned)."""
+    def prune(self, space: str, idxs) -> None:
+        """Remove channels ``idxs`` of ``space`` from every layer, then update the module's attributes."""
+        for op in self.channel_ops(space, idxs):
+            prune_channels(op)
         if self.on_resize is not None:
             self.on_resize(self.module, self.width, self.inner)
 

@@ -9,7 +9,7 @@ the q/k/v inner width, which Torch-Pruning cannot see.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import pluggy
@@ -19,7 +19,7 @@ import torch_pruning as tp
 from spikingjelly.activation_based import functional
 
 from .attention import INNER, WIDTH, AttentionLayout
-from .channels import IN, OUT, ChannelOp, expand_chunks, prune_channels, tp_pruning_fn
+from .channels import IN, OUT, ChannelOp, expand_chunks, tp_pruning_fn
 from .memory import state_bytes, stateful_modules
 from .plugins import get_plugin_manager
 from .tracing import trace_forward_fn
@@ -59,10 +59,7 @@ class AttentionPruner(tp.pruner.function.BasePruningFunc):
         self.layouts = layouts
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        layout = self.layouts[layer]
-        for op in layout.channel_ops(WIDTH, idxs):
-            prune_channels(op)
-        layout.resized()
+        self.layouts[layer].prune(WIDTH, idxs)
         return layer
 
     prune_in_channels = prune_out_channels
@@ -84,7 +81,6 @@ class PruningGroup:
     channel_ops: Callable[[Sequence[int]], list[ChannelOp]]
     prune: Callable[[Sequence[int]], None]
     kind: str = "channels"  # "channels" | "attention-inner"
-    layouts: list[AttentionLayout] = field(default_factory=list)
 
     def select(self, importance: torch.Tensor, n_remove: int) -> list[int]:
         """The ``n_remove`` least important channels, the same count in every head block."""
@@ -213,7 +209,7 @@ class SpikingGraph:
         root_fn = group[0].dep.handler
 
         def channel_ops(root_idxs: Sequence[int]) -> list[ChannelOp]:
-            return self._ops_of_tp_group(group, set(int(i) for i in root_idxs))
+            return ops_of_tp_group(group, set(int(i) for i in root_idxs), self.layouts, self.spiking_types)
 
         def prune(root_idxs: Sequence[int]) -> None:
             self.DG.get_pruning_group(root, root_fn, list(root_idxs)).prune(record_history=False)
@@ -221,10 +217,7 @@ class SpikingGraph:
                 layout.check(self.names[layout.module])
             functional.reset_net(self.model)
 
-        return PruningGroup(self.names[root], size, heads, group, channel_ops, prune, layouts=tied)
-
-    def _ops_of_tp_group(self, group: tp.dependency.Group, selected: set[int]) -> list[ChannelOp]:
-        return ops_of_tp_group(group, selected, self.layouts, self.spiking_types)
+        return PruningGroup(self.names[root], size, heads, group, channel_ops, prune)
 
     def _inner_group(self, layout: AttentionLayout) -> PruningGroup:
         name = self.names[layout.module]
@@ -233,15 +226,13 @@ class SpikingGraph:
             return attention_ops(layout, INNER, idxs)
 
         def prune(idxs: Sequence[int]) -> None:
-            for op in layout.channel_ops(INNER, idxs):
-                prune_channels(op)
-            layout.resized()
+            layout.prune(INNER, idxs)
             layout.check(name)
             functional.reset_net(self.model)
 
         importance_group = _importance_group(layout.channel_ops(INNER, range(layout.inner)), layout.inner)
         return PruningGroup(f"{name}:qkv", layout.inner, layout.num_heads, importance_group,
-                            channel_ops, prune, kind="attention-inner", layouts=[layout])
+                            channel_ops, prune, kind="attention-inner")
 
 
 def direction_of(handler) -> str:
