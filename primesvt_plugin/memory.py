@@ -1,6 +1,6 @@
 """Where a spiking model's memory goes: parameters, buffers and neuron state.
 
-``footprint`` measures a real model. ``MemoryLedger`` predicts the footprint of
+``footprint`` measures a real model. ``LedgerState`` predicts the footprint of
 the same model after any set of channel removals without touching it, so the
 policy can try many pruning plans cheaply; tests check prediction == measurement.
 
@@ -18,6 +18,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import base, functional
 
 from .channels import ChannelOp, channel_slices
+from .tracing import time_steps
 
 
 @dataclass
@@ -36,8 +37,7 @@ class Footprint:
 
 def one_sample(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The first sample of a batch (``[N, ...]`` or ``[T, N, C, H, W]``)."""
-    steps = {m.T for m in model.modules() if type(getattr(m, "T", None)) is int}
-    if inputs.ndim == 5 and inputs.shape[0] in steps:
+    if inputs.ndim == 5 and inputs.shape[0] in time_steps(model):
         return inputs[:, :1]
     return inputs[:1]
 

@@ -117,8 +117,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     importance = importance or tp.importance.GroupMagnitudeImportance(p=2)
     scores = {g.name: importance(g.importance_group) for g in groups}
     groups = [g for g in groups if scores[g.name] is not None]
-    sample = example_inputs
-    before = footprint(model, sample)
+    before = footprint(model, example_inputs)
     records = {g.name: _record(g, graph) for g in groups}
     groups.sort(key=lambda g: records[g.name].memory_bytes, reverse=True)
     evaluate_model = _Evaluator(evaluate, model)
@@ -144,7 +143,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
 
     clock = time.perf_counter()
     apply_plan(model, example_inputs, groups, plan)
-    after = footprint(model, sample)
+    after = footprint(model, example_inputs)
     timings["prune"] = time.perf_counter() - clock
     pruned_accuracy = evaluate_model()
 

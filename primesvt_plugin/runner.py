@@ -26,7 +26,7 @@ from .pruner import SpikingPruner
 from .recipe import DATA_PATH_ARGS, Recipe, RecipeError
 from .report import plot_sensitivity, write_markdown
 from .serialization import save_pruned
-from .training import accuracy, train
+from .training import accuracy, class_scores, train
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ def _load_data(recipe: Recipe, pm) -> DataSplits:
 
 
 def _predict_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    scores = outputs.mean(0) if outputs.ndim == 3 else outputs
-    return float((scores.argmax(1) == labels).mean())
+    return float((class_scores(outputs).argmax(1) == labels).mean())
 
 
 def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager | None = None,
@@ -115,9 +114,8 @@ def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager
     with staged_output(out) as stage:
         report = _run(recipe, stage, pm, progress)
         report["seconds"] = time.perf_counter() - started
-        report["files"] = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()) + [
-            "report.json", "report.md"]
-        report["files"] = sorted(set(report["files"]))
+        written = {str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()}
+        report["files"] = sorted(written | {"report.json", "report.md"})
         (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
         write_markdown(report, stage / "report.md")
     report["out"] = str(out.resolve())

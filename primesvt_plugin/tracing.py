@@ -25,6 +25,11 @@ def _time_step_owners(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(getattr(m, "T", None)) is int]
 
 
+def time_steps(model: nn.Module) -> set[int]:
+    """The time-step counts (``T`` attributes) a model's modules declare."""
+    return {m.T for m in _time_step_owners(model)}
+
+
 @contextlib.contextmanager
 def single_step_view(model: nn.Module, passthrough: Iterable[nn.Module]) -> Iterator[None]:
     """Inside: T == 1 everywhere and ``passthrough`` modules forward their input unchanged."""
@@ -46,8 +51,7 @@ def single_step_view(model: nn.Module, passthrough: Iterable[nn.Module]) -> Iter
 
 def first_time_step(model: nn.Module, inputs):
     """Cut a ``[T, N, ...]`` input of a model with ``T`` time steps down to one step."""
-    steps = {m.T for m in _time_step_owners(model)}
-    if isinstance(inputs, torch.Tensor) and inputs.ndim == 5 and inputs.shape[0] in steps:
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 5 and inputs.shape[0] in time_steps(model):
         return inputs[:1]
     return inputs
 

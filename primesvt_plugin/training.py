@@ -9,12 +9,20 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 
+def class_scores(outputs):
+    """``[N, K]`` scores from a model's outputs: multi-step ``[T, N, K]`` is averaged over time.
+
+    Works on torch tensors and numpy arrays (exported models' outputs) alike.
+    """
+    return outputs.mean(0) if outputs.ndim == 3 else outputs
+
+
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Class scores for a batch: multi-step outputs ``[T, N, K]`` are averaged over time."""
+    """Class scores of ``model`` for a batch, from a fresh state."""
     functional.reset_net(model)
     out = model(x)
     functional.reset_net(model)
-    return out.mean(0) if out.ndim == 3 else out
+    return class_scores(out)
 
 
 @torch.no_grad()
