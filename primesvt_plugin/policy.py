@@ -50,7 +50,8 @@ class GroupRecord:
     kind: str
     channels: int
     channel_groups: int
-    memory_bytes: int
+    memory_bytes: int  # parameters, buffers and neuron state the group's channels touch
+    param_bytes: int  # of which parameters and buffers
     bytes_per_channel: float
     sensitivity: list[dict] = field(default_factory=list)
     target_rate: float = 0.0
@@ -180,8 +181,10 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
 
 
 def _record(group: PruningGroup, graph: SpikingGraph) -> GroupRecord:
-    memory = ops_bytes(group.channel_ops(range(group.size)), graph.state_bytes)
-    return GroupRecord(group.name, group.kind, group.size, group.channel_groups, memory, memory / group.size)
+    ops = group.channel_ops(range(group.size))
+    memory = ops_bytes(ops, graph.state_bytes)
+    params = ops_bytes([op for op in ops if op.layer not in graph.state_bytes], {})
+    return GroupRecord(group.name, group.kind, group.size, group.channel_groups, memory, params, memory / group.size)
 
 
 def _measure_sensitivity(groups, rates, records, plan_for, masks, evaluate_model, floor, progress) -> None:

@@ -61,6 +61,8 @@ def test_groups_are_compressed_largest_first(trained, digits):
                    progress=False).report
     sizes = [g["memory_bytes"] for g in report["groups"]]
     assert sizes == sorted(sizes, reverse=True)
+    assert all(0 < g["param_bytes"] <= g["memory_bytes"] for g in report["groups"])
+    assert any(g["param_bytes"] < g["memory_bytes"] for g in report["groups"])  # neuron state counted
     for g in report["groups"]:
         assert g["chosen_rate"] <= g["target_rate"]
         assert all(s["accuracy"] >= report["baseline"]["accuracy"] - 0.05

@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch_pruning as tp
-from spikingjelly.activation_based import functional
+from spikingjelly.activation_based import functional, neuron
 
 from primesvt_plugin import MemoryAwareImportance, SpikingGraph, SpikingPruner, spiking_pruner_kwargs
+from primesvt_plugin.building import build_model
 
-from conftest import SMALL_SVITS, assert_heads_consistent, build, param_count, run
+from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, assert_heads_consistent, build, param_count, run
 
 MODELS = list(SMALL_SVITS) + ["spikformer_cifar10"]
 RATIOS = [0.1, 0.3, 0.5]
@@ -104,3 +105,18 @@ def test_tracing_leaves_model_untouched(images):
     assert model.training and model.T == 2
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert torch.equal(run(model, images), before)
+
+
+class MyLIF(neuron.LIFNode):
+    """A user's subclass of a SpikingJelly neuron: handled like its parent."""
+
+
+@pytest.mark.parametrize("spiking_neuron", [neuron.IFNode, neuron.ParametricLIFNode, neuron.EIFNode, MyLIF],
+                         ids=lambda cls: cls.__name__)
+def test_other_neuron_classes_and_subclasses(spiking_neuron, images):
+    torch.manual_seed(0)
+    model = build_model("spikformer", {**SMALL_SVIT_ARGS["spikformer"], "spiking_neuron": spiking_neuron})
+    assert any(type(m) is spiking_neuron for m in model.modules())
+    before_out, before_params = run(model, images), param_count(model)
+    SpikingPruner(model, images, pruning_ratio=0.3).step()
+    check_pruned(model, before_out, before_params, images)
