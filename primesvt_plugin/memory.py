@@ -34,6 +34,15 @@ class Footprint:
     def as_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
+    def bytes_of(self, measure: str) -> int:
+        """``parameters``: parameter bytes (the paper's memory); ``footprint``: + buffers + neuron state."""
+        if measure not in MEASURES:
+            raise ValueError(f"memory measure must be one of {MEASURES}, got {measure!r}")
+        return self.param_bytes if measure == "parameters" else self.total_bytes
+
+
+MEASURES = ("parameters", "footprint")
+
 
 def one_sample(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The first sample of a batch (``[N, ...]`` or ``[T, N, C, H, W]``)."""

@@ -88,22 +88,28 @@ class _Evaluator:
 
 
 def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], float],
-          memory_saving: float, max_accuracy_drop: float, rates: Sequence[float] = DEFAULT_RATES,
+          memory_saving: float, max_accuracy_drop: float | None = None, min_accuracy: float | None = None,
+          rates: Sequence[float] = DEFAULT_RATES, memory: str = "parameters",
           importance: tp.importance.Importance | None = None,
           finetune: Callable[[nn.Module], None] | None = None, ignored_layers: Sequence[nn.Module] = (),
           inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None) -> PrimeResult:
-    """Prune ``model`` for ``memory_saving`` (fraction of its footprint) losing at most ``max_accuracy_drop``.
+    """Prune ``model`` to save ``memory_saving`` of its memory within an accuracy budget.
 
     ``evaluate(model) -> float`` scores the model (higher is better, e.g. accuracy
-    on a validation subset); ``max_accuracy_drop`` is in the same unit. Returns
-    the pruned model (a copy unless ``inplace``) and a JSON-ready report. When the
-    saving cannot be reached within the drop, the best feasible plan is applied
-    and the report says why.
+    on a validation subset). The budget is ``max_accuracy_drop`` below the unpruned
+    score and/or ``min_accuracy`` (the stricter wins), in the same unit. ``memory``
+    is ``"parameters"`` (parameter bytes, the paper's measure) or ``"footprint"``
+    (parameters + buffers + neuron state for one sample). Returns the pruned model
+    (a copy unless ``inplace``) and a JSON-ready report. When the saving cannot be
+    reached within the budget, the best feasible plan is applied and the report says why.
     """
-    if not 0.0 < memory_saving < 1.0:
-        raise ValueError(f"memory_saving must be a fraction in (0, 1), got {memory_saving}")
-    if max_accuracy_drop < 0:
+    if not 0.0 <= memory_saving < 1.0:
+        raise ValueError(f"memory_saving must be a fraction in [0, 1), got {memory_saving}")
+    if max_accuracy_drop is None and min_accuracy is None:
+        raise ValueError("give max_accuracy_drop and/or min_accuracy: the accuracy budget")
+    if max_accuracy_drop is not None and max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
+    Footprint(0, 0, 0).bytes_of(memory)  # validates the measure name
     rates = sorted({float(r) for r in rates})
     if not rates or rates[0] <= 0 or rates[-1] >= 1:
         raise ValueError(f"rates must be fractions in (0, 1), got {rates}")
@@ -120,11 +126,15 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     groups = [g for g in groups if scores[g.name] is not None]
     before = footprint(model, example_inputs)
     records = {g.name: _record(g, graph) for g in groups}
-    groups.sort(key=lambda g: records[g.name].memory_bytes, reverse=True)
+    size_key = "param_bytes" if memory == "parameters" else "memory_bytes"
+    groups.sort(key=lambda g: getattr(records[g.name], size_key), reverse=True)
     evaluate_model = _Evaluator(evaluate, model)
-    baseline = evaluate_model()
-    floor = baseline - max_accuracy_drop
     timings["trace_and_rank"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    baseline = evaluate_model()
+    timings["one_evaluation"] = time.perf_counter() - clock
+    floors = [] if max_accuracy_drop is None else [baseline - max_accuracy_drop]
+    floor = max(floors + ([] if min_accuracy is None else [min_accuracy]))
 
     def plan_for(group: PruningGroup, rate: float) -> list[int]:
         return group.select(scores[group.name], group.removable(rate))
@@ -137,7 +147,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
 
         clock = time.perf_counter()
         plan, predicted = _compress(groups, records, plan_for, masks, evaluate_model, floor,
-                                    LedgerState(model, graph.state_bytes), before, memory_saving)
+                                    LedgerState(model, graph.state_bytes), before, memory_saving, memory)
         timings["compression"] = time.perf_counter() - clock
     finally:
         masks.clear()
@@ -159,21 +169,25 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
         timings["finetune"] = time.perf_counter() - clock
     model.train(was_training)
 
-    saving = 1.0 - after.total_bytes / before.total_bytes
+    saving = 1.0 - after.bytes_of(memory) / before.bytes_of(memory)
     final_accuracy = pruned_accuracy if finetuned_accuracy is None else finetuned_accuracy
     met = saving >= memory_saving - 1e-9 and final_accuracy >= floor - 1e-9
+    search = timings["sensitivity"] + timings["compression"]
     report = {
-        "constraints": {"memory_saving": memory_saving, "max_accuracy_drop": max_accuracy_drop},
+        "constraints": {"memory_saving": memory_saving, "memory": memory, "max_accuracy_drop": max_accuracy_drop,
+                        "min_accuracy": min_accuracy, "accuracy_floor": floor},
         "constraints_met": met,
-        "reason": _reason(met, saving, memory_saving, final_accuracy, floor, baseline, max_accuracy_drop,
-                          len(groups)),
+        "reason": _reason(met, saving, memory_saving, final_accuracy, floor, len(groups)),
         "baseline": {"accuracy": baseline, "memory": before.as_dict()},
         "pruned": {"accuracy": pruned_accuracy, "memory": after.as_dict(), "memory_saving": saving,
+                   "footprint_saving": 1.0 - after.total_bytes / before.total_bytes,
+                   "parameter_saving": 1.0 - after.param_bytes / before.param_bytes,
                    "predicted_memory": predicted.as_dict()},
         "finetuned": None if finetuned_accuracy is None else {"accuracy": finetuned_accuracy},
         "groups": [vars(records[g.name]) for g in groups],
         "plan": plan,
         "evaluations": evaluate_model.calls,
+        "search_in_evaluation_passes": search / max(timings["one_evaluation"], 1e-9),
         "rates": rates,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -207,10 +221,12 @@ def _measure_sensitivity(groups, rates, records, plan_for, masks, evaluate_model
 
 
 def _compress(groups, records, plan_for, masks, evaluate_model, floor, ledger: LedgerState,
-              before: Footprint, memory_saving: float) -> tuple[dict[str, list[int]], Footprint]:
+              before: Footprint, memory_saving: float, memory: str) -> tuple[dict[str, list[int]], Footprint]:
     plan: dict[str, list[int]] = {}
     predicted = before
     for group in groups:  # largest memory first
+        if 1.0 - predicted.bytes_of(memory) / before.bytes_of(memory) >= memory_saving:
+            break
         record = records[group.name]
         feasible = [s["rate"] for s in record.sensitivity if s["accuracy"] >= floor]
         for rate in sorted(feasible, reverse=True):
@@ -221,25 +237,23 @@ def _compress(groups, records, plan_for, masks, evaluate_model, floor, ledger: L
                 trial_ledger = ledger.copy()
                 for op in group.channel_ops(idxs):
                     trial_ledger.remove(op)
-                record.freed_bytes = predicted.total_bytes - trial_ledger.footprint().total_bytes
+                record.freed_bytes = predicted.bytes_of(memory) - trial_ledger.footprint().bytes_of(memory)
                 ledger, predicted = trial_ledger, trial_ledger.footprint()
                 record.chosen_rate, record.removed_channels = rate, len(idxs)
                 plan[group.name] = idxs
                 break
             masks.undo_trial()
-        if 1.0 - predicted.total_bytes / before.total_bytes >= memory_saving:
-            break
     return plan, predicted
 
 
-def _reason(met, saving, wanted, accuracy, floor, baseline, drop, n_groups) -> str:
+def _reason(met, saving, wanted, accuracy, floor, n_groups) -> str:
     if n_groups == 0:
         return ("nothing to prune: the model has no prunable groups (every conv/linear is ignored, "
                 "an output layer, or too narrow to keep whole heads)")
     if met:
         return f"memory saving {saving:.2%} >= {wanted:.2%} with accuracy {accuracy:.4f} >= {floor:.4f}"
     if saving < wanted:
-        return (f"best feasible: {saving:.2%} memory saving; {wanted:.2%} would cost more than the allowed "
-                f"accuracy drop of {drop} (baseline {baseline:.4f}): every further rate tried fell below {floor:.4f}")
+        return (f"best feasible: {saving:.2%} memory saving; {wanted:.2%} would need more than the accuracy "
+                f"budget allows: every further rate tried fell below the floor {floor:.4f}")
     return (f"memory saving {saving:.2%} reached, but accuracy {accuracy:.4f} after structural pruning "
             f"is below {floor:.4f} (masked trials stayed above it)")

@@ -45,11 +45,19 @@ class TrainSection(Section):
 
 class PruneSection(Section):
     method: Literal["prime", "uniform"] = "prime"
-    memory_saving: float = Field(0.2668, gt=0, lt=1, description="wanted fraction of memory saved")
-    max_accuracy_drop: float = Field(0.02, ge=0, le=1, description="allowed validation accuracy drop (0-1)")
+    memory_saving: float = Field(0.2668, ge=0, lt=1, description="wanted fraction of memory saved")
+    memory: Literal["parameters", "footprint"] = Field("parameters", description="what memory_saving measures")
+    max_accuracy_drop: float | None = Field(0.02, ge=0, le=1, description="allowed validation accuracy drop (0-1)")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="lowest validation accuracy allowed (0-1)")
     rates: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     ratio: float = Field(0.3, ge=0, lt=1, description="uniform method: ratio of every group")
     importance: str = "l2"
+
+    @model_validator(mode="after")
+    def _has_accuracy_budget(self) -> "PruneSection":
+        if self.method == "prime" and self.max_accuracy_drop is None and self.min_accuracy is None:
+            raise ValueError("prime needs max_accuracy_drop and/or min_accuracy")
+        return self
 
     @field_validator("rates")
     @classmethod

@@ -28,11 +28,14 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['detail']}")
     prime = report.get("prune")
     if prime and "groups" in prime:
-        lines += ["", "## Pruning groups (largest memory first)", "",
-                  "| group | channels | memory | target rate | chosen rate | removed | freed |", "|---|---|---|---|---|---|---|"]
+        measure = prime["constraints"]["memory"]
+        lines += ["", f"## Pruning groups (largest first, by {measure})", "",
+                  "| group | channels | parameters | + neuron state | target rate | chosen rate | removed | freed |",
+                  "|---|---|---|---|---|---|---|---|"]
         for g in prime["groups"]:
-            lines.append(f"| {g['name']} | {g['channels']} | {_kib(g['memory_bytes'])} | {g['target_rate']:.1f} "
-                         f"| {g['chosen_rate']:.1f} | {g['removed_channels']} | {_kib(g['freed_bytes'])} |")
+            lines.append(f"| {g['name']} | {g['channels']} | {_kib(g['param_bytes'])} | {_kib(g['memory_bytes'])} "
+                         f"| {g['target_rate']:.1f} | {g['chosen_rate']:.1f} | {g['removed_channels']} "
+                         f"| {_kib(g['freed_bytes'])} |")
         lines += ["", f"Policy: {prime['reason']}; {prime['evaluations']} evaluations; "
                   f"timings {prime['timings_s']}."]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in report["files"]]
@@ -52,7 +55,8 @@ def plot_sensitivity(prime_report: dict, path: Path) -> None:
     left.set(xlabel="pruning rate (group alone)", ylabel="validation accuracy", title="Sensitivity")
     left.legend(fontsize=6)
     names = [g["name"].split(".")[-1] if len(g["name"]) > 24 else g["name"] for g in groups]
-    right.barh(names, [g["memory_bytes"] / 1024 for g in groups], color="#bbb", label="memory")
+    size_key = "param_bytes" if prime_report["constraints"]["memory"] == "parameters" else "memory_bytes"
+    right.barh(names, [g[size_key] / 1024 for g in groups], color="#bbb", label=prime_report["constraints"]["memory"])
     right.barh(names, [g["freed_bytes"] / 1024 for g in groups], color="#c33", label="freed")
     right.invert_yaxis()
     right.set(xlabel="KiB", title="Memory per group")

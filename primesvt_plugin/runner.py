@@ -152,14 +152,17 @@ def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
         plan = _prune(recipe, model, example, val, data, report, stage, pm, progress)
         model.eval()
         pruned = footprint(model, example)
-        saving = 1 - pruned.total_bytes / baseline.total_bytes
+        saving = 1 - pruned.bytes_of(recipe.prune.memory) / baseline.bytes_of(recipe.prune.memory)
         stages.append({"stage": "pruned" + (" + finetuned" if recipe.finetune else ""),
                        "test_accuracy": accuracy(model, test), "val_accuracy": accuracy(model, val),
                        "memory_bytes": pruned.total_bytes, "weight_bytes": pruned.param_bytes,
-                       "memory": pruned.as_dict(), "memory_saving": saving})
+                       "memory": pruned.as_dict(), "memory_saving": saving,
+                       "parameter_saving": 1 - pruned.param_bytes / baseline.param_bytes,
+                       "footprint_saving": 1 - pruned.total_bytes / baseline.total_bytes})
         if recipe.prune.method == "prime":
-            checks["memory saving"] = {"ok": saving >= recipe.prune.memory_saving - 1e-9,
-                                       "detail": f"{saving:.2%} (wanted {recipe.prune.memory_saving:.2%})"}
+            checks[f"{recipe.prune.memory} memory saving"] = {
+                "ok": saving >= recipe.prune.memory_saving - 1e-9,
+                "detail": f"{saving:.2%} (wanted {recipe.prune.memory_saving:.2%})"}
     save_pruned(model, stage / "model.pt", recipe.model.name, recipe.model.args, tuple(example.shape), plan)
     torch.save(model.state_dict(), stage / "state_dict.pt")
 
@@ -200,8 +203,9 @@ def _prune(recipe: Recipe, model, example, val, data: DataSplits, report: dict, 
             finetune(model)
         report["prune"] = {"method": "uniform", "ratio": p.ratio, "plan_groups": sorted(plan)}
         return plan
-    result = prime(model, example, lambda m: accuracy(m, val), p.memory_saving, p.max_accuracy_drop,
-                   rates=p.rates, importance=importance, finetune=finetune, inplace=True, progress=progress, pm=pm)
+    result = prime(model, example, lambda m: accuracy(m, val), p.memory_saving, p.max_accuracy_drop, p.min_accuracy,
+                   rates=p.rates, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
+                   progress=progress, pm=pm)
     report["prune"] = result.report
     if result.report["groups"]:
         plot_sensitivity(result.report, stage / "sensitivity.png")

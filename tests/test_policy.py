@@ -45,6 +45,7 @@ def test_constraints_are_respected(trained, digits):
     report = result.report
     assert report["constraints_met"], report["reason"]
     assert report["pruned"]["memory_saving"] >= 0.2
+    assert report["pruned"]["parameter_saving"] == report["pruned"]["memory_saving"]  # the default measure
     assert report["pruned"]["accuracy"] >= report["baseline"]["accuracy"] - 0.03
     # the report's memory is the returned model's measured memory, and the prediction was exact
     assert report["pruned"]["memory"] == footprint(result.model, x).as_dict()
@@ -77,6 +78,18 @@ def test_impossible_target_gives_best_feasible_with_reason(trained, digits):
     assert report["reason"].startswith("best feasible")
     assert report["pruned"]["memory_saving"] < 0.95
     assert report["pruned"]["accuracy"] >= report["baseline"]["accuracy"]
+
+
+def test_footprint_measure_and_minimum_accuracy(trained, digits):
+    x = torch.from_numpy(digits.x_val[:2])
+    evaluate = val_accuracy(digits)
+    floor = evaluate(trained) - 0.04
+    report = prime(trained, x, evaluate, memory_saving=0.25, min_accuracy=floor, memory="footprint",
+                   progress=False).report
+    assert report["constraints"]["accuracy_floor"] == floor
+    assert report["pruned"]["memory_saving"] == report["pruned"]["footprint_saving"] >= 0.25
+    assert report["pruned"]["accuracy"] >= floor
+    assert report["search_in_evaluation_passes"] >= report["evaluations"] - 2 - 1  # each trial is one pass
 
 
 def test_finetune_is_called_and_reported(trained, digits):

@@ -159,21 +159,24 @@ def test_everything_ignored_prunes_nothing(images):
     assert torch.equal(run(model, images), before)
 
 
-@pytest.mark.parametrize("saving, drop", [(0.001, 1.0), (0.999, 1.0), (0.5, 0.0)])
+@pytest.mark.parametrize("saving, drop", [(0.0, 1.0), (0.001, 1.0), (0.99, 1.0), (0.5, 0.0)])
 def test_constraint_limits(saving, drop, images):
     model = build("spikformer")
     result = prime(model, images, lambda m: 0.5, saving, drop, progress=False)
     report = result.report
     assert report["pruned"]["memory"]["total_bytes"] <= report["baseline"]["memory"]["total_bytes"]
-    if saving < 0.01:
-        assert report["constraints_met"]
+    if saving == 0.0:
+        assert report["constraints_met"] and report["plan"] == {}
+    if 0 < saving < 0.01:
+        assert report["constraints_met"] and report["plan"]
     if saving > 0.99:
         assert not report["constraints_met"] and report["reason"].startswith("best feasible")
     run(result.model, images)
 
 
-@pytest.mark.parametrize("bad", [dict(memory_saving=0.0), dict(memory_saving=1.0), dict(max_accuracy_drop=-1),
-                                 dict(rates=[0.0, 0.5]), dict(rates=[])])
+@pytest.mark.parametrize("bad", [dict(memory_saving=-0.1), dict(memory_saving=1.0), dict(max_accuracy_drop=-1),
+                                 dict(max_accuracy_drop=None), dict(rates=[0.0, 0.5]), dict(rates=[]),
+                                 dict(memory="flops")])
 def test_invalid_policy_arguments(bad, images):
     args = dict(memory_saving=0.2, max_accuracy_drop=0.01) | bad
     with pytest.raises(ValueError):
