@@ -6,7 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .data import DataError
 from .plugins import PluginError, get_plugin_manager, plugin_table
+from .serialization import CheckpointError
 from .recipe import RecipeError, load_recipe
 
 EXIT_BAD_INPUT = 2
@@ -32,8 +34,8 @@ def _plugins() -> None:
     from .plugins import merged_registry
 
     pm = get_plugin_manager()
-    for name, module in plugin_table(pm):
-        print(f"{name:16s} {module}")
+    for name, module, dist in plugin_table(pm):
+        print(f"{name:16s} {module:40s} from {dist}")
     for hook, what in [("primesvt_model_builders", "models"), ("primesvt_datasets", "datasets"),
                        ("primesvt_importances", "importances"), ("primesvt_quantizers", "quantizers"),
                        ("primesvt_exporters", "exporters")]:
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.recipe}: ok")
             return 0
         report = run_recipe(recipe, out=args.out, progress=not args.quiet)
-    except (RecipeError, PluginError) as error:
+    except (RecipeError, PluginError, DataError, CheckpointError) as error:
         print(f"primesvt: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for stage in report["stages"]:

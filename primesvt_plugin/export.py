@@ -71,14 +71,48 @@ def exportable(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Iter
         model.train(was_training)
 
 
+AGREEMENT_ATOL = 1e-4
+
+
+@torch.no_grad()
+def reference_output(model: nn.Module, example_input: torch.Tensor) -> np.ndarray:
+    """The PyTorch model's own output (SpikingJelly kernels, fresh state) on the example."""
+    was_training = model.training
+    model.eval()
+    functional.reset_net(model)
+    try:
+        return model(example_input).numpy()
+    finally:
+        functional.reset_net(model)
+        model.train(was_training)
+
+
+def check_agreement(what: str, got: np.ndarray, expected: np.ndarray) -> None:
+    """Refuse an export whose output on the example differs from the PyTorch model's."""
+    if got.shape != expected.shape or not np.allclose(got, expected, atol=AGREEMENT_ATOL):
+        gap = np.abs(got - expected).max() if got.shape == expected.shape else f"shape {got.shape}"
+        raise ExportError(f"{what} disagrees with the PyTorch model on the example input ({gap} vs "
+                          f"{expected.shape}); not written")
+
+
 def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None) -> list[Path]:
-    """Write ``path`` (.onnx); the batch size is the example's (spiking reshapes bake it in)."""
+    """Write ``path`` (.onnx), checked against the model; the batch size is the example's."""
+    import openvino as ov
+
+    expected = reference_output(model, example_input)
     with exportable(model, pm) as traceable, torch.no_grad():
         try:
             torch.onnx.export(traceable, (example_input,), str(path), dynamo=False, opset_version=17,
                               input_names=["images"], output_names=["outputs"])
         except Exception as error:
             raise ExportError(f"ONNX export failed: {error}") from error
+    try:
+        check_agreement("ONNX export", run_openvino(ov.Core().read_model(str(path)), example_input.numpy()), expected)
+    except Exception as error:
+        path.unlink()
+        if isinstance(error, ExportError):
+            raise
+        raise ExportError(f"the exported ONNX file does not run: {error}") from error
     return [path]
 
 
@@ -102,7 +136,11 @@ def save_openvino(ov_model, path: Path) -> list[Path]:
 
 
 def to_openvino(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None) -> list[Path]:
-    return save_openvino(to_openvino_model(model, example_input, pm), path)
+    """Write ``path`` (.xml + .bin), checked against the model."""
+    ov_model = to_openvino_model(model, example_input, pm)
+    check_agreement("OpenVINO export", run_openvino(ov_model, example_input.numpy()),
+                    reference_output(model, example_input))
+    return save_openvino(ov_model, path)
 
 
 def quantize_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray],
@@ -117,10 +155,14 @@ def quantize_int8(model: nn.Module, example_input: torch.Tensor, calibration: It
     return nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=subset_size)
 
 
-def run_openvino(ov_model, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
-    """Outputs of an OpenVINO model on ``images`` (one request per batch)."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(ov_model, "CPU")
+def predict_compiled(compiled, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Outputs of a compiled OpenVINO model on ``images``, batch by batch (time axis kept first)."""
     outputs = [compiled(images[i:i + batch_size])[0] for i in range(0, len(images), batch_size)]
     return np.concatenate(outputs, axis=-2 if outputs[0].ndim == 3 else 0)
+
+
+def run_openvino(ov_model, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Outputs of an OpenVINO model on ``images``."""
+    import openvino as ov
+
+    return predict_compiled(ov.Core().compile_model(ov_model, "CPU"), images, batch_size)

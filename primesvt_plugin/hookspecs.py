@@ -106,7 +106,8 @@ def primesvt_quantizers():
     ``quantize(model, example_input, calibration, **args)`` gets the FP32 model,
     one example batch and an iterable of calibration batches (numpy arrays), and
     returns an artifact with ``save(path) -> list[Path]``, ``predict(images) ->
-    outputs`` and ``weight_bytes(files) -> int`` (see ``primesvt_plugin.quantized``).
+    outputs``, ``latency_ms(image) -> float`` and ``weight_bytes(files) -> int``
+    (``primesvt_plugin.quantized.OpenVINOArtifact`` is one).
     Names are what recipes put in ``quantize.method``.
     """
 

@@ -43,9 +43,11 @@ def _module_names(pm: pluggy.PluginManager) -> list[str]:
     return [getattr(p, "__name__", "") for p in pm.get_plugins()]
 
 
-def plugin_table(pm: pluggy.PluginManager) -> list[tuple[str, str]]:
-    """(entry-point name, module) for each loaded plugin."""
-    return [(name, getattr(plugin, "__name__", repr(plugin))) for name, plugin in pm.list_name_plugin()]
+def plugin_table(pm: pluggy.PluginManager) -> list[tuple[str, str, str]]:
+    """(entry-point name, module, distribution) for each loaded plugin."""
+    dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
+    return [(name, getattr(plugin, "__name__", repr(plugin)), dists.get(id(plugin), "(registered in code)"))
+            for name, plugin in pm.list_name_plugin()]
 
 
 def merged_registry(pm: pluggy.PluginManager, hook_name: str) -> dict[str, Callable[..., Any]]:

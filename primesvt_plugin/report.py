@@ -19,10 +19,12 @@ def _pct(x: float | None) -> str:
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# primesvt run: {report['recipe']}", "", f"Finished {report['finished']} in {report['seconds']:.1f} s.", ""]
-    lines += ["| stage | test accuracy | memory (FP32 params+buffers+state) | weight bytes |", "|---|---|---|---|"]
+    lines += ["| stage | test accuracy | memory (FP32 params+buffers+state) | weight bytes | latency (batch 1) |",
+              "|---|---|---|---|---|"]
     for stage in report["stages"]:
+        latency = stage.get("latency_ms")
         lines.append(f"| {stage['stage']} | {_pct(stage.get('test_accuracy'))} | {_kib(stage.get('memory_bytes'))} "
-                     f"| {_kib(stage.get('weight_bytes'))} |")
+                     f"| {_kib(stage.get('weight_bytes'))} | {'-' if latency is None else f'{latency:.2f} ms'} |")
     lines += ["", "## Checks", ""]
     for name, check in report["checks"].items():
         lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['detail']}")

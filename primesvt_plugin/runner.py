@@ -19,6 +19,7 @@ import torch
 
 from .building import build_model, resolve_builder
 from .data import DataSplits
+from .latency import model_latency_ms
 from .memory import footprint
 from .plugins import get_plugin_manager, lookup, merged_registry
 from .policy import prime
@@ -56,6 +57,10 @@ def preflight(recipe: Recipe, pm: pluggy.PluginManager) -> None:
         checkpoint = recipe.resolve(recipe.model.checkpoint, "model.checkpoint")
         if not checkpoint.is_file():
             raise RecipeError(f"{where}: model.checkpoint: {checkpoint} does not exist")
+    for key in DATA_PATH_ARGS:
+        if key in recipe.data.args and not recipe.resolve(recipe.data.args[key], f"data.args.{key}").exists():
+            raise RecipeError(f"{where}: data.args.{key}: {recipe.data.args[key]} does not exist "
+                              f"(relative paths start at the recipe's folder)")
     if recipe.finetune and not recipe.prune:
         raise RecipeError(f"{where}: finetune: needs a prune section (fine-tuning repairs pruning)")
 
@@ -145,7 +150,8 @@ def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
     baseline_test = accuracy(model, test)
     param_bytes = baseline.param_bytes
     stages.append({"stage": "fp32", "test_accuracy": baseline_test, "val_accuracy": accuracy(model, val),
-                   "memory_bytes": baseline.total_bytes, "weight_bytes": param_bytes, "memory": baseline.as_dict()})
+                   "memory_bytes": baseline.total_bytes, "weight_bytes": param_bytes, "memory": baseline.as_dict(),
+                   "latency_ms": model_latency_ms(model, example)})
 
     plan: dict[str, list[int]] = {}
     if recipe.prune:
@@ -158,7 +164,8 @@ def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
                        "memory_bytes": pruned.total_bytes, "weight_bytes": pruned.param_bytes,
                        "memory": pruned.as_dict(), "memory_saving": saving,
                        "parameter_saving": 1 - pruned.param_bytes / baseline.param_bytes,
-                       "footprint_saving": 1 - pruned.total_bytes / baseline.total_bytes})
+                       "footprint_saving": 1 - pruned.total_bytes / baseline.total_bytes,
+                       "latency_ms": model_latency_ms(model, example)})
         if recipe.prune.method == "prime":
             checks[f"{recipe.prune.memory} memory saving"] = {
                 "ok": saving >= recipe.prune.memory_saving - 1e-9,
@@ -174,7 +181,8 @@ def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
         files = artifact.save(stage / "model_int8")
         weight_bytes = artifact.weight_bytes(files)
         int8_test = _predict_accuracy(artifact.predict(data.x_test), data.y_test)
-        stages.append({"stage": f"{q.method}", "test_accuracy": int8_test, "weight_bytes": weight_bytes})
+        stages.append({"stage": f"{q.method}", "test_accuracy": int8_test, "weight_bytes": weight_bytes,
+                       "latency_ms": artifact.latency_ms(example.numpy())})
         if recipe.prune:  # the embedded budget the default recipe promises: pruning + INT8
             checks["int8 weights <= 25% of unpruned fp32 params"] = {
                 "ok": weight_bytes <= 0.25 * param_bytes,

@@ -6,8 +6,9 @@ import pytest
 import torch
 from spikingjelly.activation_based import functional, neuron
 
-from primesvt_plugin.export import ExportError, exportable, quantize_int8, run_openvino, to_openvino_model
-from primesvt_plugin.plugins import get_plugin_manager
+from primesvt_plugin.export import (ExportError, exportable, quantize_int8, run_openvino, to_onnx, to_openvino,
+                                    to_openvino_model)
+from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
 
 from conftest import build
 
@@ -51,14 +52,38 @@ def test_model_without_exportable_neuron_is_refused_by_name():
     assert "forward" not in model[1].__dict__
 
 
-@pytest.mark.parametrize("name", ["spikformer", "spike_driven_transformer", "qkformer", "maxformer"])
-def test_openvino_fp32_matches_and_int8_runs(name):
+def firing(name: str) -> torch.nn.Module:
+    """An untrained SViT whose batch norms are pushed above threshold, so its neurons fire."""
     model = build(name).eval()
-    with torch.no_grad():  # make the untrained model fire: push its batch norms above threshold
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.weight.mul_(3.0)
                 m.bias.add_(1.5)
+    return model
+
+
+class SilentLIF:
+    """A wrong export forward: never fires."""
+
+    @hookimpl(tryfirst=True)
+    def primesvt_export_forward(self, layer):
+        return (lambda x_seq: (x_seq > 1e6).to(x_seq.dtype)) if isinstance(layer, neuron.LIFNode) else None
+
+
+@pytest.mark.parametrize("export", [to_onnx, to_openvino], ids=["onnx", "openvino"])
+def test_export_disagreeing_with_the_model_is_refused(export, tmp_path):
+    pm = new_plugin_manager()
+    pm.register(SilentLIF(), name="silent")
+    path = tmp_path / ("m.onnx" if export is to_onnx else "m.xml")
+    with pytest.raises(ExportError, match="disagrees with the PyTorch model"):
+        export(firing("spikformer"), torch.rand(1, 3, 32, 32), path, pm)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["spikformer", "spike_driven_transformer", "qkformer", "maxformer"])
+def test_openvino_fp32_matches_and_int8_runs(name):
+    model = firing(name)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     functional.reset_net(model)
     with torch.no_grad():

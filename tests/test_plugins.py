@@ -21,10 +21,10 @@ SMALL = dict(T=2, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num
 
 
 def test_builtins_and_example_load_through_entry_points():
-    names = dict(plugin_table(get_plugin_manager()))
-    assert names["neurons"] == "primesvt_plugin.builtins.neurons"
-    assert names["attention"] == "primesvt_plugin.builtins.attention"
-    assert names["example_neuron"] == "primesvt_example_neuron.plugin"
+    table = {name: (module, dist) for name, module, dist in plugin_table(get_plugin_manager())}
+    assert table["neurons"] == ("primesvt_plugin.builtins.neurons", "primesvt-plugin 0.1.0")
+    assert table["attention"] == ("primesvt_plugin.builtins.attention", "primesvt-plugin 0.1.0")
+    assert table["example_neuron"] == ("primesvt_example_neuron.plugin", "primesvt-example-neuron 0.1.0")
     assert "example_spikformer" in merged_registry(get_plugin_manager(), "primesvt_model_builders")
     assert {"l2", "taylor", "memory"} <= set(merged_registry(get_plugin_manager(), "primesvt_importances"))
 

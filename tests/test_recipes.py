@@ -14,7 +14,9 @@ import torch
 from primesvt_plugin.cli import main
 from primesvt_plugin.data import digits_splits
 from primesvt_plugin.recipe import load_recipe
+from primesvt_plugin.quantized import load_quantized
 from primesvt_plugin.serialization import load_pruned
+from primesvt_plugin.training import class_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -52,6 +54,11 @@ def test_default_recipe_meets_its_promises(tmp_path):
         expected = model(x).numpy()
     onnx_out = ort.InferenceSession(str(out / "model.onnx")).run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(onnx_out, expected, atol=1e-5)
+    # the quantized model loads in one call and reproduces the reported INT8 accuracy
+    quantized = load_quantized(out / "model_int8.xml")
+    predictions = class_scores(quantized.predict(data.x_test)).argmax(1)
+    assert float((predictions == data.y_test).mean()) == int8["test_accuracy"]
+    assert all(stage["latency_ms"] > 0 for stage in report["stages"])
 
 
 @pytest.mark.parametrize("recipe", ["prune_only.yaml", "quantize_only.yaml", "user_model_npz.yaml"])
@@ -82,11 +89,27 @@ def test_overrides_reach_the_run(tmp_path):
     assert report["stages"][1]["memory_saving"] >= 0.4
 
 
+def test_same_recipe_and_seed_give_the_same_report(tmp_path):
+    reports = []
+    for run in ("a", "b"):
+        assert run_cli(str(RECIPES / "prune_only.yaml"), "--out", str(tmp_path / run), "--set", "train.epochs=2") == 0
+        reports.append(read_report(tmp_path / run))
+    first, second = reports
+    assert first["prune"]["plan"] == second["prune"]["plan"]
+    assert [g["chosen_rate"] for g in first["prune"]["groups"]] == [g["chosen_rate"] for g in second["prune"]["groups"]]
+    for a, b in zip(first["stages"], second["stages"]):
+        assert (a["test_accuracy"], a["val_accuracy"], a["memory"]) == (b["test_accuracy"], b["val_accuracy"], b["memory"])
+
+
 BAD_RECIPES = {
     "unknown field": ("model: {name: spikformer}\nprune: {memory_savings: 0.3}\n", "prune.memory_savings"),
     "out of range": ("model: {name: spikformer}\nprune: {memory_saving: 1.5}\n", "prune.memory_saving"),
     "wrong type": ("model: {name: spikformer}\ntrain: {epochs: many}\n", "train.epochs"),
     "missing model": ("prune: {}\n", "model"),
+    "missing data file": ("model: {name: spikformer}\ndata: {name: npz, args: {path: nowhere.npz}}\nprune: {}\n",
+                          "data.args.path"),
+    "missing checkpoint": ("model: {name: spikformer, checkpoint: missing.pt}\nprune: {}\n", "model.checkpoint"),
+    "no accuracy budget": ("model: {name: spikformer}\nprune: {max_accuracy_drop: null}\n", "prune"),
     "unknown model": ("model: {name: resnet50}\nprune: {}\n", "model.name"),
     "unknown quantizer": ("model: {name: spikformer}\nquantize: {method: int3}\n", "quantize.method"),
     "not yaml": ("model: [unclosed\n", "not valid YAML"),

@@ -184,6 +184,10 @@ def test_invalid_policy_arguments(bad, images):
 
 
 def test_tiny_and_malformed_data(tmp_path):
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x=np.zeros((0, 8, 8), np.float32), y=np.zeros(0, np.int64))
+    with pytest.raises(DataError, match="0 samples are too few"):
+        npz_splits(empty)
     tiny = tmp_path / "tiny.npz"
     np.savez(tiny, x=np.zeros((3, 8, 8), np.float32), y=np.arange(3))
     with pytest.raises(DataError, match="too few"):

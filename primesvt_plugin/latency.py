@@ -1,0 +1,39 @@
+"""Wall-clock latency of one inference, the way the reports measure it."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import functional
+
+
+def median_ms(call: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:
+    """Median wall time of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def model_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
+    """Median latency of a fresh-state forward pass of a PyTorch spiking model on ``x``."""
+    was_training = model.training
+    model.eval()
+
+    def forward():
+        functional.reset_net(model)
+        model(x)
+
+    try:
+        return median_ms(forward, repeats)
+    finally:
+        functional.reset_net(model)
+        model.train(was_training)
