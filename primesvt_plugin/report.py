@@ -32,6 +32,8 @@ def write_markdown(report: dict, path: Path) -> None:
     if prime and "groups" in prime:
         measure = prime["constraints"]["memory"]
         lines += ["", f"## Pruning groups (largest first, by {measure})", "",
+                  "Bytes each group's channels touch; a layer shared by two groups (one's output, "
+                  "the other's input channels) counts in both.", "",
                   "| group | channels | parameters | + neuron state | target rate | chosen rate | removed | freed |",
                   "|---|---|---|---|---|---|---|---|"]
         for g in prime["groups"]:
