@@ -100,12 +100,38 @@ class SpikingPruner:
         return apply_plan(self.model, self.example_inputs, self.groups, self.plan())
 
 
+def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
+    """``pruner.step()`` for a MetaPruner built with our kwargs, then check the model still runs.
+
+    On failure the model is restored to its state before the step and ``PruningFailed``
+    says why; build a new pruner before trying again (the old one's graph is stale).
+    """
+    model = pruner.model
+    expected = _output_shape(model, example_inputs)
+    backup = copy.deepcopy(model)
+    try:
+        pruner.step()
+        check_runs(model, example_inputs, expected, "a Torch-Pruning step")
+    except Exception:
+        restore_module(model, backup)
+        raise
+
+
+@torch.no_grad()
+def _output_shape(model: nn.Module, example_inputs) -> torch.Size:
+    was_training = model.training
+    model.eval()
+    functional.reset_net(model)
+    try:
+        return model(example_inputs).shape
+    finally:
+        functional.reset_net(model)
+        model.train(was_training)
+
+
 def apply_plan(model: nn.Module, example_inputs, groups: list[PruningGroup], plan: dict[str, list[int]]) -> dict:
     """Remove ``plan[name]`` channels from each named group, verifying after each; restore on failure."""
-    with torch.no_grad():
-        functional.reset_net(model)
-        expected = model(example_inputs).shape
-        functional.reset_net(model)
+    expected = _output_shape(model, example_inputs)
     backup = copy.deepcopy(model)
     try:
         for group in groups:

@@ -9,6 +9,7 @@ from spikingjelly.activation_based import functional, neuron
 from primesvt_plugin.export import (ExportError, exportable, quantize_int8, run_openvino, to_onnx, to_openvino,
                                     to_openvino_model)
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
+from primesvt_plugin.quantized import OpenVINOArtifact, load_quantized
 
 from conftest import build
 
@@ -79,6 +80,15 @@ def test_export_disagreeing_with_the_model_is_refused(export, tmp_path):
     with pytest.raises(ExportError, match="disagrees with the PyTorch model"):
         export(firing("spikformer"), torch.rand(1, 3, 32, 32), path, pm)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_model_saves_and_loads_with_identical_outputs(tmp_path):
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    artifact = OpenVINOArtifact(quantize_int8(firing("spikformer"), x[:1], [x[i:i + 1].numpy() for i in range(4)],
+                                              subset_size=4))
+    files = artifact.save(tmp_path / "model_int8")
+    assert [f.name for f in files] == ["model_int8.xml", "model_int8.bin"]
+    assert np.array_equal(load_quantized(files[0]).predict(x.numpy()), artifact.predict(x.numpy()))
 
 
 @pytest.mark.parametrize("name", ["spikformer", "spike_driven_transformer", "qkformer", "maxformer"])

@@ -16,7 +16,7 @@ from spikingjelly.activation_based.model import spikformer
 
 from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
 
-from primesvt_plugin import PruningFailed, SpikingGraph, SpikingPruner
+from primesvt_plugin import PruningFailed, SpikingGraph, SpikingPruner, spiking_pruner_kwargs, verified_step
 from primesvt_plugin.builtins.attention import _spike_driven_self_attention, _spiking_self_attention
 from primesvt_plugin.data import DataError, npz_splits
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
@@ -83,6 +83,22 @@ def test_broken_attention_update_is_caught_and_restored(images):
     with pytest.raises(PruningFailed, match="no longer runs after pruning"):
         SpikingPruner(model, images, pruning_ratio=0.5, pm=pm).step()
     assert torch.equal(run(model, images), before_out)
+    assert_heads_consistent(model)
+
+
+def test_metapruner_step_through_our_kwargs_is_verified_and_restored(images):
+    pm = layout_plugin(SpikeDrivenSelfAttention, _spike_driven_self_attention,
+                       lambda layout: setattr(layout, "on_resize", None))
+    model = build("spike_driven_transformer")
+    before_out = run(model, images)
+    pruner = tp.pruner.MetaPruner(model, images, importance=tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, **spiking_pruner_kwargs(model, images, pm=pm))
+    with pytest.raises(PruningFailed, match="no longer runs after a Torch-Pruning step"):
+        verified_step(pruner, images)
+    assert torch.equal(run(model, images), before_out)
+    good = tp.pruner.MetaPruner(model, images, importance=tp.importance.MagnitudeImportance(p=2),
+                                pruning_ratio=0.5, **spiking_pruner_kwargs(model, images))
+    verified_step(good, images)
     assert_heads_consistent(model)
 
 
