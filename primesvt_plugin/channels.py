@@ -41,7 +41,7 @@ def prune_channels(op: ChannelOp) -> None:
 
 
 def _is_depthwise(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1
+    return isinstance(layer, nn.modules.conv._ConvNd) and 1 < layer.groups == layer.in_channels
 
 
 def channel_slices(layer: nn.Module, direction: str) -> list[tuple[torch.Tensor, int]]:
