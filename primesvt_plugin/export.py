@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
+from .inference import fresh_forward, inference
 from .memory import stateful_modules
 from .plugins import get_plugin_manager
 
@@ -55,36 +56,24 @@ def exportable(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Iter
         if getattr(layer, "step_mode", "m") != "m":
             raise ExportError(f"layer {names[layer]!r} is in single-step mode; export needs multi-step ('m')")
         forwards[layer] = forward
-    was_training = model.training
-    model.eval()
     try:
         for layer, forward in forwards.items():
             layer.forward = forward
-        with warnings.catch_warnings():
+        with inference(model), warnings.catch_warnings():
             # The unrolled time loop and shape checks are constants for a fixed input shape.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             yield FreshStateModel(model)
     finally:
         for layer in forwards:
             layer.__dict__.pop("forward", None)
-        functional.reset_net(model)
-        model.train(was_training)
 
 
 AGREEMENT_ATOL = 1e-4
 
 
-@torch.no_grad()
 def reference_output(model: nn.Module, example_input: torch.Tensor) -> np.ndarray:
     """The PyTorch model's own output (SpikingJelly kernels, fresh state) on the example."""
-    was_training = model.training
-    model.eval()
-    functional.reset_net(model)
-    try:
-        return model(example_input).numpy()
-    finally:
-        functional.reset_net(model)
-        model.train(was_training)
+    return fresh_forward(model, example_input).numpy()
 
 
 def check_agreement(what: str, got: np.ndarray, expected: np.ndarray) -> None:

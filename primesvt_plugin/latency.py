@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
+from .inference import inference
+
 
 def median_ms(call: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:
     """Median wall time of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
@@ -22,18 +24,12 @@ def median_ms(call: Callable[[], object], repeats: int = 30, warmup: int = 3) ->
     return 1000 * statistics.median(times)
 
 
-@torch.no_grad()
 def model_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
     """Median latency of a fresh-state forward pass of a PyTorch spiking model on ``x``."""
-    was_training = model.training
-    model.eval()
 
     def forward():
         functional.reset_net(model)
         model(x)
 
-    try:
+    with inference(model):
         return median_ms(forward, repeats)
-    finally:
-        functional.reset_net(model)
-        model.train(was_training)

@@ -15,9 +15,10 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
-from spikingjelly.activation_based import base, functional
+from spikingjelly.activation_based import base
 
 from .channels import ChannelOp, channel_slices
+from .inference import inference
 from .tracing import time_steps
 
 
@@ -59,19 +60,12 @@ def stateful_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, base.MemoryModule)]
 
 
-@torch.no_grad()
 def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Bytes of state each stateful module holds after a forward pass of one sample."""
-    was_training = model.training
-    model.eval()
-    functional.reset_net(model)
-    try:
+    with inference(model):
         model(one_sample(model, example_inputs))
         return {m: _tensor_bytes(v for v in m._memories.values() if isinstance(v, torch.Tensor))
                 for m in stateful_modules(model)}
-    finally:
-        functional.reset_net(model)
-        model.train(was_training)
 
 
 def footprint(model: nn.Module, example_inputs: torch.Tensor) -> Footprint:

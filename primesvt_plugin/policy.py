@@ -26,11 +26,11 @@ import pluggy
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from spikingjelly.activation_based import functional
 from tqdm.auto import tqdm
 
 from .graph import PruningGroup, SpikingGraph
 from .importance import ops_bytes
+from .inference import inference
 from .masking import Masks
 from .memory import Footprint, LedgerState, footprint
 from .pruner import apply_plan
@@ -73,10 +73,8 @@ class _Evaluator:
         self.evaluate, self.model, self.calls = evaluate, model, 0
 
     def __call__(self) -> float:
-        functional.reset_net(self.model)
-        with torch.no_grad():
+        with inference(self.model):
             value = self.evaluate(self.model)
-        functional.reset_net(self.model)
         self.calls += 1
         try:
             value = float(value)
@@ -164,7 +162,6 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
         model.train()
         finetune(model)
         model.eval()
-        functional.reset_net(model)
         finetuned_accuracy = evaluate_model()
         timings["finetune"] = time.perf_counter() - clock
     model.train(was_training)

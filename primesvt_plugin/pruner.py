@@ -9,9 +9,9 @@ import pluggy
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from spikingjelly.activation_based import functional
 
 from .graph import PruningGroup, SpikingGraph
+from .inference import fresh_forward
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,12 @@ def restore_module(model: nn.Module, backup: nn.Module) -> None:
     model.__dict__.update(backup.__dict__)
 
 
-@torch.no_grad()
 def check_runs(model: nn.Module, example_inputs, expected_shape: torch.Size, what: str) -> None:
     """Run ``model`` on ``example_inputs`` (multi-step) and check the output shape and values."""
-    was_training = model.training
-    model.eval()
-    functional.reset_net(model)
     try:
-        out = model(example_inputs)
+        out = fresh_forward(model, example_inputs)
     except Exception as error:
         raise PruningFailed(f"model no longer runs after {what}: {error}") from error
-    finally:
-        functional.reset_net(model)
-        model.train(was_training)
     if out.shape != expected_shape:
         raise PruningFailed(f"output shape changed from {tuple(expected_shape)} to {tuple(out.shape)} after {what}")
     if not torch.isfinite(out).all():
@@ -107,7 +100,7 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
     says why; build a new pruner before trying again (the old one's graph is stale).
     """
     model = pruner.model
-    expected = _output_shape(model, example_inputs)
+    expected = fresh_forward(model, example_inputs).shape
     backup = copy.deepcopy(model)
     try:
         pruner.step()
@@ -117,21 +110,9 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
         raise
 
 
-@torch.no_grad()
-def _output_shape(model: nn.Module, example_inputs) -> torch.Size:
-    was_training = model.training
-    model.eval()
-    functional.reset_net(model)
-    try:
-        return model(example_inputs).shape
-    finally:
-        functional.reset_net(model)
-        model.train(was_training)
-
-
 def apply_plan(model: nn.Module, example_inputs, groups: list[PruningGroup], plan: dict[str, list[int]]) -> dict:
     """Remove ``plan[name]`` channels from each named group, verifying after each; restore on failure."""
-    expected = _output_shape(model, example_inputs)
+    expected = fresh_forward(model, example_inputs).shape
     backup = copy.deepcopy(model)
     try:
         for group in groups:

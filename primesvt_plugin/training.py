@@ -8,6 +8,8 @@ from spikingjelly.activation_based import functional
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .inference import inference
+
 
 def class_scores(outputs):
     """``[N, K]`` scores from a model's outputs: multi-step ``[T, N, K]`` is averaged over time.
@@ -25,16 +27,13 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return class_scores(out)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, loader: DataLoader) -> float:
     """Top-1 accuracy in [0, 1]; the model's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    for x, y in loader:
-        correct += int((logits(model, x).argmax(1) == y).sum())
-        total += len(y)
-    model.train(was_training)
+    with inference(model):
+        for x, y in loader:
+            correct += int((logits(model, x).argmax(1) == y).sum())
+            total += len(y)
     if total == 0:
         raise ValueError("cannot measure accuracy on an empty dataset")
     return correct / total

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spikingjelly.activation_based import functional
 
 from primesvt_plugin.attention import AttentionLayout
 from primesvt_plugin.building import build_model
+from primesvt_plugin.inference import fresh_forward
 from primesvt_plugin.plugins import get_plugin_manager
 
 # Builder name (registered by our builtins) -> arguments of a CPU-test-sized model.
@@ -30,14 +30,10 @@ def images():
     return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-@torch.no_grad()
 def run(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A fresh multi-step forward pass (state reset before and after)."""
+    """A fresh multi-step forward pass in eval mode (state reset before and after)."""
     model.eval()
-    functional.reset_net(model)
-    out = model(x)
-    functional.reset_net(model)
-    return out
+    return fresh_forward(model, x)
 
 
 def param_count(model: torch.nn.Module) -> int:
