@@ -93,14 +93,6 @@ class LedgerState:
         self.neuron_removed: dict[nn.Module, set[int]] = {}
         self.neuron_width: dict[nn.Module, int] = {}
 
-    def copy(self) -> "LedgerState":
-        other = LedgerState.__new__(LedgerState)
-        other.model, other.neuron_state, other.entries = self.model, self.neuron_state, self.entries
-        other.neuron_width = dict(self.neuron_width)
-        other.alive = {k: v.clone() for k, v in self.alive.items()}
-        other.neuron_removed = {k: set(v) for k, v in self.neuron_removed.items()}
-        return other
-
     def remove(self, op: ChannelOp) -> None:
         """Account for removing the channels of ``op``."""
         if op.layer in self.neuron_state:

@@ -228,14 +228,15 @@ def _compress(groups, records, plan_for, masks, evaluate_model, floor, ledger: L
         feasible = [s["rate"] for s in record.sensitivity if s["accuracy"] >= floor]
         for rate in sorted(feasible, reverse=True):
             idxs = plan_for(group, rate)
-            masks.trial(group.channel_ops(idxs))
+            ops = group.channel_ops(idxs)
+            masks.trial(ops)
             if evaluate_model() >= floor:
                 masks.commit()
-                trial_ledger = ledger.copy()
-                for op in group.channel_ops(idxs):
-                    trial_ledger.remove(op)
-                record.freed_bytes = predicted.bytes_of(memory) - trial_ledger.footprint().bytes_of(memory)
-                ledger, predicted = trial_ledger, trial_ledger.footprint()
+                for op in ops:  # accepted for good: the ledger only ever records accepted removals
+                    ledger.remove(op)
+                after = ledger.footprint()
+                record.freed_bytes = predicted.bytes_of(memory) - after.bytes_of(memory)
+                predicted = after
                 record.chosen_rate, record.removed_channels = rate, len(idxs)
                 plan[group.name] = idxs
                 break
