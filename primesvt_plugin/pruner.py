@@ -1,9 +1,10 @@
 """SpikingPruner: one-shot structured pruning of a spiking model, attention included."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pluggy
 import torch
@@ -34,6 +35,17 @@ def restore_module(model: nn.Module, backup: nn.Module) -> None:
     """Make ``model`` (the same object) hold ``backup``'s submodules, tensors and attributes again."""
     model.__dict__.clear()
     model.__dict__.update(backup.__dict__)
+
+
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """If the block raises, ``model`` is put back as it was when the block started."""
+    backup = copy.deepcopy(model)
+    try:
+        yield
+    except BaseException:
+        restore_module(model, backup)
+        raise
 
 
 def check_runs(model: nn.Module, example_inputs, expected_shape: torch.Size, what: str) -> None:
@@ -101,27 +113,19 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
     """
     model = pruner.model
     expected = fresh_forward(model, example_inputs).shape
-    backup = copy.deepcopy(model)
-    try:
+    with restored_on_failure(model):
         pruner.step()
         check_runs(model, example_inputs, expected, "a Torch-Pruning step")
-    except Exception:
-        restore_module(model, backup)
-        raise
 
 
 def apply_plan(model: nn.Module, example_inputs, groups: list[PruningGroup], plan: dict[str, list[int]]) -> dict:
     """Remove ``plan[name]`` channels from each named group, verifying after each; restore on failure."""
     expected = fresh_forward(model, example_inputs).shape
-    backup = copy.deepcopy(model)
-    try:
+    with restored_on_failure(model):
         for group in groups:
             idxs = plan.get(group.name)
             if idxs:
                 group.prune(idxs)
                 check_runs(model, example_inputs, expected, f"pruning {len(idxs)} channels of group {group.name!r}")
                 log.debug("pruned %d/%d channels of %s", len(idxs), group.size, group.name)
-    except Exception:
-        restore_module(model, backup)
-        raise
     return plan
