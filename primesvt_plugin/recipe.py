@@ -113,6 +113,12 @@ class Recipe(Section):
                               f"folder {base}; use an absolute path")
         return resolved
 
+    def input_files(self) -> dict[str, Path]:
+        """The files the recipe reads, by field, resolved (see ``resolve``)."""
+        fields = {"model.checkpoint": self.model.checkpoint}
+        fields.update({f"data.args.{key}": self.data.args.get(key) for key in DATA_PATH_ARGS})
+        return {field: self.resolve(path, field) for field, path in fields.items() if path is not None}
+
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a recipe dict."""
@@ -156,9 +162,5 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
         raise RecipeError(f"{path}: {_field_path(first)}: {first['msg']}{more}") from None
     recipe.source = path.resolve()
-    if recipe.model.checkpoint is not None:
-        recipe.resolve(recipe.model.checkpoint, "model.checkpoint")
-    for key in DATA_PATH_ARGS:
-        if key in recipe.data.args:
-            recipe.resolve(recipe.data.args[key], f"data.args.{key}")
+    recipe.input_files()  # refuses paths leaving the recipe's folder now, not mid-run
     return recipe

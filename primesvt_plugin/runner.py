@@ -24,7 +24,7 @@ from .memory import footprint
 from .plugins import get_plugin_manager, lookup, merged_registry
 from .policy import prime
 from .pruner import SpikingPruner
-from .recipe import DATA_PATH_ARGS, Recipe, RecipeError
+from .recipe import Recipe, RecipeError
 from .report import plot_sensitivity, write_markdown
 from .serialization import save_pruned
 from .training import accuracy, class_scores, train
@@ -53,14 +53,11 @@ def preflight(recipe: Recipe, pm: pluggy.PluginManager) -> None:
         registry = merged_registry(pm, hook)
         if name not in registry:
             raise RecipeError(f"{where}: {field}: unknown {name!r}; available: {', '.join(sorted(registry))}")
-    if recipe.model.checkpoint is not None:
-        checkpoint = recipe.resolve(recipe.model.checkpoint, "model.checkpoint")
-        if not checkpoint.is_file():
-            raise RecipeError(f"{where}: model.checkpoint: {checkpoint} does not exist")
-    for key in DATA_PATH_ARGS:
-        if key in recipe.data.args and not recipe.resolve(recipe.data.args[key], f"data.args.{key}").exists():
-            raise RecipeError(f"{where}: data.args.{key}: {recipe.data.args[key]} does not exist "
-                              f"(relative paths start at the recipe's folder)")
+    for field, path in recipe.input_files().items():
+        missing = not path.is_file() if field == "model.checkpoint" else not path.exists()
+        if missing:
+            raise RecipeError(f"{where}: {field}: {path} does not exist "
+                              "(relative paths start at the recipe's folder)")
     if recipe.finetune and not recipe.prune:
         raise RecipeError(f"{where}: finetune: needs a prune section (fine-tuning repairs pruning)")
 
@@ -96,10 +93,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _load_data(recipe: Recipe, pm) -> DataSplits:
-    args = dict(recipe.data.args)
-    for key in DATA_PATH_ARGS:
-        if key in args:
-            args[key] = recipe.resolve(args[key], f"data.args.{key}")
+    files = recipe.input_files()
+    args = {key: files.get(f"data.args.{key}", value) for key, value in recipe.data.args.items()}
     args.setdefault("seed", recipe.seed)
     return lookup(pm, "primesvt_datasets", recipe.data.name, "dataset")(**args)
 
@@ -131,8 +126,7 @@ def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
     data = _load_data(recipe, pm)
     model = build_model(recipe.model.name, recipe.model.args, pm, recipe_folder(recipe))
     if recipe.model.checkpoint is not None:
-        state = torch.load(recipe.resolve(recipe.model.checkpoint, "model.checkpoint"), map_location="cpu",
-                           weights_only=True)
+        state = torch.load(recipe.input_files()["model.checkpoint"], map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     example = torch.from_numpy(data.x_val[:1])
     val = data.loader("val", recipe.data.batch_size, limit=recipe.data.val_subset)
