@@ -25,6 +25,7 @@ from typing import Callable
 import torch.nn as nn
 
 from .channels import IN, OUT, ChannelOp, expand_chunks, prune_channels
+from .errors import LayoutError
 
 WIDTH = "width"
 INNER = "inner"
@@ -90,7 +91,7 @@ class AttentionLayout:
     def check(self, name: str) -> None:
         """Raise if heads are no longer aligned (inner not divisible by num_heads)."""
         if self.inner % self.num_heads or (self.tied and self.inner != self.width):
-            raise ValueError(
+            raise LayoutError(
                 f"attention {name}: inner width {self.inner} is not {self.num_heads} equal heads"
                 + (f" of the residual width {self.width}" if self.tied else "")
             )

@@ -9,10 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-
-
-class DataError(ValueError):
-    """A dataset file or folder is missing or malformed."""
+from .errors import DataError
 
 
 @dataclass(frozen=True)

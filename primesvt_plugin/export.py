@@ -20,12 +20,9 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional
 
 from .inference import fresh_forward, inference
+from .errors import ExportError
 from .memory import stateful_modules
 from .plugins import get_plugin_manager
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported (a layer without an exportable forward, a failing converter)."""
 
 
 class FreshStateModel(nn.Module):

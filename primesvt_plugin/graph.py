@@ -20,15 +20,12 @@ from spikingjelly.activation_based import functional
 
 from .attention import INNER, WIDTH, AttentionLayout
 from .channels import IN, OUT, ChannelOp, expand_chunks, tp_pruning_fn
+from .errors import UnhandledLayerError
 from .memory import state_bytes, stateful_modules
 from .plugins import get_plugin_manager
 from .tracing import trace_forward_fn
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-class UnhandledLayerError(TypeError):
-    """The model holds a stateful layer that no plugin knows how to prune."""
 
 
 class SpikingLayerPruner(tp.pruner.function.BasePruningFunc):

@@ -6,16 +6,13 @@ from typing import Any, Callable
 
 import pluggy
 
+from .errors import PluginError
 from . import hookspecs
 
 hookimpl = pluggy.HookimplMarker("primesvt")
 
 ENTRY_POINT_GROUP = "primesvt"
 BUILTIN_PREFIX = "primesvt_plugin.builtins."
-
-
-class PluginError(RuntimeError):
-    """A plugin is missing, clashes with another, or returned something unusable."""
 
 
 def new_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:

@@ -29,6 +29,7 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 from .graph import PruningGroup, SpikingGraph
+from .errors import EvaluationError
 from .importance import ops_bytes
 from .inference import inference
 from .masking import Masks
@@ -38,10 +39,6 @@ from .pruner import apply_plan
 log = logging.getLogger(__name__)
 
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-class EvaluationError(ValueError):
-    """``evaluate`` returned something that is not a finite number."""
 
 
 @dataclass

@@ -12,13 +12,10 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .graph import PruningGroup, SpikingGraph
+from .errors import PruningFailed
 from .inference import fresh_forward
 
 log = logging.getLogger(__name__)
-
-
-class PruningFailed(RuntimeError):
-    """A structural change broke the model; the model was restored to its state before pruning."""
 
 
 def spiking_pruner_kwargs(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),

@@ -11,12 +11,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from .errors import RecipeError
 
 DATA_PATH_ARGS = ("path", "root")
-
-
-class RecipeError(ValueError):
-    """A recipe file is missing, not YAML, or does not fit the schema; the message names the field."""
 
 
 class Section(BaseModel):

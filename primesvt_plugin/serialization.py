@@ -19,14 +19,11 @@ import torch
 import torch.nn as nn
 
 from .building import build_model
+from .errors import CheckpointError
 from .graph import SpikingGraph
 from .pruner import apply_plan
 
 FORMAT = "primesvt-pruned-model/1"
-
-
-class CheckpointError(ValueError):
-    """A file is not a readable primesvt pruned-model checkpoint."""
 
 
 def atomic_write(path: Path, write) -> None:

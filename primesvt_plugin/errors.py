@@ -1,0 +1,91 @@
+"""Every exception primesvt raises on purpose, under one base: catch ``PrimeSVTError``.
+
+Two families, told apart by what the user should do:
+
+* ``InputError``: what the user gave is wrong (a recipe field, a file, an
+  argument, a model no plugin can handle). Nothing ran or nothing was written;
+  fix the input and run again. The CLI exits with 2.
+* ``RunFailed``: the input was fine but the work could not be done safely (an
+  export computes something else, a structural change broke the model). The
+  model or output was left as it was. The CLI exits with 1.
+
+Each class also derives from the builtin exception it used to be, so code
+catching ``ValueError`` / ``RuntimeError`` / ``TypeError`` keeps working.
+"""
+from __future__ import annotations
+
+
+class PrimeSVTError(Exception):
+    """Base of every error primesvt raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(PrimeSVTError):
+    """The user's input is wrong; the message names it and says what to do."""
+
+    exit_code = 2
+
+
+class RunFailed(PrimeSVTError):
+    """The work could not be done safely; nothing broken was kept or written."""
+
+    exit_code = 1
+
+
+# -- input --------------------------------------------------------------------
+
+
+class ArgumentError(InputError, ValueError):
+    """An argument of a public function is out of range or of the wrong type."""
+
+
+class RecipeError(InputError, ValueError):
+    """A recipe file is missing, not YAML, or does not fit the schema; the message names the field."""
+
+
+class DataError(InputError, ValueError):
+    """A dataset file or folder is missing or malformed, or its arguments are wrong."""
+
+
+class CheckpointError(InputError, ValueError):
+    """A file is not a readable primesvt model (pruned checkpoint, state dict or OpenVINO IR)."""
+
+
+class OutputError(InputError, OSError):
+    """The output folder cannot be written safely (not ours to replace, locked, read-only)."""
+
+
+class PluginError(InputError, RuntimeError):
+    """A plugin is missing, clashes with another, or returned something unusable."""
+
+
+class UntrustedCodeError(PluginError):
+    """A recipe or file names Python code to import, and the user did not allow running code."""
+
+
+class LayoutError(PluginError, ValueError):
+    """An attention layout is inconsistent with its module (heads not dividing the width)."""
+
+
+class UnhandledLayerError(InputError, TypeError):
+    """The model holds a layer that no plugin knows how to prune; the message names it and the hook."""
+
+
+class EvaluationError(InputError, ValueError):
+    """``evaluate`` returned something that is not a finite number."""
+
+
+# -- failed work ----------------------------------------------------------------
+
+
+class PruningFailed(RunFailed, RuntimeError):
+    """A structural change broke the model; the model was restored to its state before pruning."""
+
+
+class ExportError(RunFailed, RuntimeError):
+    """The model cannot be exported, or the export disagrees with the model; nothing was written."""
+
+
+class Interrupted(RunFailed):
+    """The run was stopped by a signal (Ctrl-C, SIGTERM); nothing was written."""
