@@ -26,6 +26,7 @@ from .plugins import get_plugin_manager
 from .tracing import trace_forward_fn
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+HEAD_ATTRIBUTES = ("num_heads", "heads", "head_dim")  # what marks a module as multi-head attention
 
 
 class SpikingLayerPruner(tp.pruner.function.BasePruningFunc):
@@ -114,6 +115,7 @@ class SpikingGraph:
         self.spiking_layers = [m for m in model.modules()
                                if isinstance(m, self.spiking_types) and m not in inside_attention]
         self._check_state_is_handled(inside_attention)
+        self._check_attention_is_described()
         self.customized_pruners = self._customized_pruners()
         self.forward_fn = trace_forward_fn(self.spiking_layers + list(self.layouts))
         was_training = model.training
@@ -125,6 +127,7 @@ class SpikingGraph:
         finally:
             model.train(was_training)  # Torch-Pruning leaves the model in eval mode
             functional.reset_net(model)
+        self._check_parameters_are_handled(inside_attention)
         self.output_layers = self._output_layers()
         self.ignored_layers = list(ignored_layers)
         self.state_bytes = state_bytes(model, example_inputs)
@@ -150,12 +153,40 @@ class SpikingGraph:
         for m in stateful_modules(self.model):
             handled = isinstance(m, self.spiking_types) or m in self.layouts or m in inside_attention
             if not handled and len(m._memories) > 0:
-                raise UnhandledLayerError(
-                    f"layer {self.names[m]!r} ({type(m).__module__}.{type(m).__qualname__}) keeps state "
-                    f"({', '.join(m._memories)}) and no primesvt plugin handles it; write a plugin "
-                    "implementing primesvt_spiking_layer_types / primesvt_prune_spiking_layer for it "
-                    "(see examples/primesvt-example-neuron), or replace the layer"
-                )
+                self._refuse(m, f"keeps state ({', '.join(m._memories)})",
+                             "primesvt_spiking_layer_types / primesvt_prune_spiking_layer "
+                             "(see examples/primesvt-example-neuron)")
+
+    def _refuse(self, module: nn.Module, why: str, hooks: str) -> None:
+        raise UnhandledLayerError(
+            f"layer {self.names[module]!r} ({type(module).__module__}.{type(module).__qualname__}) {why} "
+            f"and no primesvt plugin handles it; write a plugin implementing {hooks} for it, or replace the layer")
+
+    def _check_attention_is_described(self) -> None:
+        """Refuse attention blocks no layout describes: Torch-Pruning would cut q/k/v and leave
+        ``head_dim`` and the head reshapes stale (the model breaks on its next forward)."""
+        described = {sub for m in self.layouts for sub in m.modules()}
+        for m in self.model.modules():
+            heads = [a for a in HEAD_ATTRIBUTES if type(getattr(m, a, None)) is int]
+            handled = (m in described or any(sub in self.layouts for sub in m.modules())
+                       or tp.ops.module2type(m) in tp.pruner.function.PrunerBox)  # nn.MultiheadAttention
+            if heads and not handled:
+                self._refuse(m, f"looks like attention (has {', '.join(heads)}) but no layout describes it",
+                             "primesvt_attention_layout")
+
+    def _check_parameters_are_handled(self, inside_attention: set[nn.Module]) -> None:
+        """Refuse modules whose own per-channel parameters nothing prunes: no Torch-Pruning pruner,
+        no plugin, and not traced by Torch-Pruning as an unwrapped parameter (e.g. used only
+        through a comparison, which has no grad_fn)."""
+        handled = inside_attention | set(self.layouts) | {sub for m in self.spiking_layers for sub in m.modules()}
+        for m in self.model.modules():
+            if m in handled or tp.ops.module2type(m) in tp.pruner.function.PrunerBox:
+                continue
+            untracked = [name for name, p in m.named_parameters(recurse=False)
+                         if max(p.shape, default=1) > 1 and p not in self.DG.module2node]
+            if untracked:
+                self._refuse(m, f"has per-channel parameters ({', '.join(untracked)}) Torch-Pruning cannot prune",
+                             "primesvt_spiking_layer_types / primesvt_prune_spiking_layer")
 
     def _customized_pruners(self) -> dict:
         # Torch-Pruning matches customized pruners by exact class, so register each concrete

@@ -18,10 +18,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import pluggy
 import torch
 import torch.nn as nn
@@ -29,16 +31,17 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 from .graph import PruningGroup, SpikingGraph
-from .errors import EvaluationError
+from .errors import ArgumentError, EvaluationError
 from .importance import ops_bytes
-from .inference import inference
+from .inference import fresh_forward, inference
 from .masking import Masks
-from .memory import Footprint, LedgerState, footprint
+from .memory import MEASURES, Footprint, LedgerState, footprint
 from .pruner import apply_plan
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CHANCE_MARGIN = 0.01  # a baseline this close to chance_accuracy counts as chance
 
 
 @dataclass
@@ -73,13 +76,49 @@ class _Evaluator:
         with inference(self.model):
             value = self.evaluate(self.model)
         self.calls += 1
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise EvaluationError(f"evaluate must return a number, got {value!r}") from None
-        if not math.isfinite(value):
-            raise EvaluationError(f"evaluate returned {value} (call {self.calls}); check the model and data")
-        return value
+        return _as_score(value, self.calls)
+
+
+def _as_score(value, call: int) -> float:
+    """``value`` as a float if it is a finite real number (numpy scalars and 0-d tensors too).
+
+    Strings ("0.9"), bools and None are refused rather than converted: they mean ``evaluate`` is wrong.
+    """
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise EvaluationError(f"evaluate must return a number (e.g. an accuracy), got {value!r} "
+                              f"of type {type(value).__name__} (call {call})")
+    if not math.isfinite(value):
+        raise EvaluationError(f"evaluate returned {value} (call {call}); check the model and data")
+    return float(value)
+
+
+def _check_number(name: str, value, low: float = -math.inf) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                              or not math.isfinite(value) or value < low):
+        raise ArgumentError(f"{name} must be a finite number >= {low}, got {value!r}")
+
+
+def _check_example_inputs(model: nn.Module, example_inputs) -> None:
+    """Refuse an example input the model cannot run on, naming its shape and the model's error."""
+    if not isinstance(example_inputs, torch.Tensor):
+        raise ArgumentError(f"example_inputs must be a torch.Tensor (one batch the model accepts), "
+                            f"got {type(example_inputs).__name__}")
+    try:
+        fresh_forward(model, example_inputs)
+    except Exception as error:
+        raise ArgumentError(f"the model cannot run on example_inputs of shape {tuple(example_inputs.shape)}: "
+                            f"{type(error).__name__}: {error}") from error
+
+
+def _chance_warnings(baseline: float, chance_accuracy: float | None) -> list[str]:
+    if chance_accuracy is None or baseline > chance_accuracy + CHANCE_MARGIN:
+        return []
+    return [f"baseline accuracy {baseline:.4f} is at chance level ({chance_accuracy:.4f}): the model has not "
+            "learned the task, so its accuracy says nothing about what pruning removes; train the model first"]
 
 
 def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], float],
@@ -87,7 +126,8 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
           rates: Sequence[float] = DEFAULT_RATES, memory: str = "parameters",
           importance: tp.importance.Importance | None = None,
           finetune: Callable[[nn.Module], None] | None = None, ignored_layers: Sequence[nn.Module] = (),
-          inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None) -> PrimeResult:
+          inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None, *,
+          chance_accuracy: float | None = None) -> PrimeResult:
     """Prune ``model`` to save ``memory_saving`` of its memory within an accuracy budget.
 
     ``evaluate(model) -> float`` scores the model (higher is better, e.g. accuracy
@@ -97,23 +137,30 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     (parameters + buffers + neuron state for one sample). Returns the pruned model
     (a copy unless ``inplace``) and a JSON-ready report. When the saving cannot be
     reached within the budget, the best feasible plan is applied and the report says why.
+    ``chance_accuracy`` is the score of guessing (e.g. the majority-class fraction):
+    a baseline at or below it (+0.01) puts a warning in ``report["warnings"]`` and
+    fails the constraints, since an untrained model's accuracy cannot guide pruning.
     """
-    if not 0.0 <= memory_saving < 1.0:
-        raise ValueError(f"memory_saving must be a fraction in [0, 1), got {memory_saving}")
+    _check_number("memory_saving", memory_saving, 0.0)
+    if memory_saving >= 1.0:
+        raise ArgumentError(f"memory_saving must be a fraction in [0, 1), got {memory_saving}")
     if max_accuracy_drop is None and min_accuracy is None:
-        raise ValueError("give max_accuracy_drop and/or min_accuracy: the accuracy budget")
-    if max_accuracy_drop is not None and max_accuracy_drop < 0:
-        raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
-    Footprint(0, 0, 0).bytes_of(memory)  # validates the measure name
+        raise ArgumentError("give max_accuracy_drop and/or min_accuracy: the accuracy budget")
+    _check_number("max_accuracy_drop", max_accuracy_drop, 0.0)
+    _check_number("min_accuracy", min_accuracy)
+    _check_number("chance_accuracy", chance_accuracy)
+    if memory not in MEASURES:
+        raise ArgumentError(f"memory measure must be one of {MEASURES}, got {memory!r}")
     rates = sorted({float(r) for r in rates})
     if not rates or rates[0] <= 0 or rates[-1] >= 1:
-        raise ValueError(f"rates must be fractions in (0, 1), got {rates}")
+        raise ArgumentError(f"rates must be fractions in (0, 1), got {rates}")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     was_training = model.training
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    _check_example_inputs(model, example_inputs)
     graph = SpikingGraph(model, example_inputs, ignored_layers, pm=pm)
     groups = graph.groups()
     importance = importance or tp.importance.GroupMagnitudeImportance(p=2)
@@ -130,18 +177,22 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     timings["one_evaluation"] = time.perf_counter() - clock
     floors = [] if max_accuracy_drop is None else [baseline - max_accuracy_drop]
     floor = max(floors + ([] if min_accuracy is None else [min_accuracy]))
+    warnings = _chance_warnings(baseline, chance_accuracy)
+    for warning in warnings:
+        log.warning(warning)
 
     def plan_for(group: PruningGroup, rate: float) -> list[int]:
         return group.select(scores[group.name], group.removable(rate))
 
     masks = Masks()
+    searched = groups if memory_saving > 0 else []  # nothing to save: no trial can help
     try:
         clock = time.perf_counter()
-        _measure_sensitivity(groups, rates, records, plan_for, masks, evaluate_model, floor, progress)
+        _measure_sensitivity(searched, rates, records, plan_for, masks, evaluate_model, floor, progress)
         timings["sensitivity"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        plan, predicted = _compress(groups, records, plan_for, masks, evaluate_model, floor,
+        plan, predicted = _compress(searched, records, plan_for, masks, evaluate_model, floor,
                                     LedgerState(model, graph.state_bytes), before, memory_saving, memory)
         timings["compression"] = time.perf_counter() - clock
     finally:
@@ -151,7 +202,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     apply_plan(model, example_inputs, groups, plan)
     after = footprint(model, example_inputs)
     timings["prune"] = time.perf_counter() - clock
-    pruned_accuracy = evaluate_model()
+    pruned_accuracy = evaluate_model() if plan else baseline  # an empty plan leaves the model as it was
 
     finetuned_accuracy = None
     if finetune is not None and plan:
@@ -165,13 +216,14 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
 
     saving = 1.0 - after.bytes_of(memory) / before.bytes_of(memory)
     final_accuracy = pruned_accuracy if finetuned_accuracy is None else finetuned_accuracy
-    met = saving >= memory_saving - 1e-9 and final_accuracy >= floor - 1e-9
+    met = saving >= memory_saving - 1e-9 and final_accuracy >= floor - 1e-9 and not warnings
     search = timings["sensitivity"] + timings["compression"]
     report = {
         "constraints": {"memory_saving": memory_saving, "memory": memory, "max_accuracy_drop": max_accuracy_drop,
                         "min_accuracy": min_accuracy, "accuracy_floor": floor},
         "constraints_met": met,
-        "reason": _reason(met, saving, memory_saving, final_accuracy, floor, len(groups)),
+        "reason": warnings[0] if warnings else _reason(met, saving, memory_saving, final_accuracy, floor, len(groups)),
+        "warnings": warnings,
         "baseline": {"accuracy": baseline, "memory": before.as_dict()},
         "pruned": {"accuracy": pruned_accuracy, "memory": after.as_dict(), "memory_saving": saving,
                    "footprint_saving": 1.0 - after.total_bytes / before.total_bytes,

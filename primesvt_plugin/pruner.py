@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .graph import PruningGroup, SpikingGraph
-from .errors import PruningFailed
+from .errors import ArgumentError, PruningFailed
 from .inference import fresh_forward
 
 log = logging.getLogger(__name__)
@@ -28,21 +28,64 @@ def spiking_pruner_kwargs(model: nn.Module, example_inputs, ignored_layers: Sequ
     return SpikingGraph(model, example_inputs, ignored_layers, pm=pm).metapruner_kwargs()
 
 
-def restore_module(model: nn.Module, backup: nn.Module) -> None:
-    """Make ``model`` (the same object) hold ``backup``'s submodules, tensors and attributes again."""
-    model.__dict__.clear()
-    model.__dict__.update(backup.__dict__)
+class ModelSnapshot:
+    """What a structural change may alter, kept so it can be undone into the *same* objects.
+
+    Per module: its attributes and the contents of its dict/list attributes
+    (``_parameters``, ``_buffers``, ``_modules``, hooks, neuron memories), by
+    reference; per tensor: a clone of its values (and grad). Restoring puts the
+    same module, parameter and buffer objects back and copies the values into
+    them, so optimizers, hooks and references built before stay valid.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = [(m, dict(m.__dict__), _container_contents(m)) for m in model.modules()]
+        tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
+        self.tensors = [(t, t.detach().clone(), None if t.grad is None else t.grad.detach().clone())
+                        for t in tensors]
+
+    def restore(self) -> None:
+        for module, attributes, contents in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for name, saved in contents.items():
+                attributes[name].clear()
+                (attributes[name].update if isinstance(saved, dict) else attributes[name].extend)(saved)
+        for tensor, data, grad in self.tensors:
+            tensor.data = data  # also undoes a change of shape made in place
+            tensor.grad = grad
+
+
+def _container_contents(module: nn.Module) -> dict:
+    return {name: copy.copy(value) for name, value in module.__dict__.items() if isinstance(value, (dict, list))}
+
+
+def requires_grad_flags(model: nn.Module) -> dict[tuple[nn.Module, str], bool]:
+    """``requires_grad`` of every parameter, by owning module and parameter name."""
+    return {(m, name): p.requires_grad for m in model.modules()
+            for name, p in m._parameters.items() if p is not None}
+
+
+def set_requires_grad_flags(flags: dict[tuple[nn.Module, str], bool]) -> None:
+    """Put ``requires_grad`` back on parameters a pruning function replaced (tp's are always True)."""
+    for (module, name), flag in flags.items():
+        param = module._parameters.get(name)
+        if param is not None:
+            param.requires_grad_(flag)
 
 
 @contextlib.contextmanager
-def restored_on_failure(model: nn.Module) -> Iterator[None]:
-    """If the block raises, ``model`` is put back as it was when the block started."""
-    backup = copy.deepcopy(model)
+def structural_change(model: nn.Module) -> Iterator[None]:
+    """Around a structural change: ``requires_grad`` flags are kept; if the block raises,
+    ``model`` is put back as it was when the block started (same objects, see ``ModelSnapshot``)."""
+    snapshot, flags = ModelSnapshot(model), requires_grad_flags(model)
     try:
         yield
     except BaseException:
-        restore_module(model, backup)
+        snapshot.restore()
         raise
+    finally:
+        set_requires_grad_flags(flags)
 
 
 def check_runs(model: nn.Module, example_inputs, expected_shape: torch.Size, what: str) -> None:
@@ -71,7 +114,7 @@ class SpikingPruner:
                  ignored_layers: Sequence[nn.Module] = (), prune_attention_inner: bool = True,
                  pm: pluggy.PluginManager | None = None):
         if not 0.0 <= pruning_ratio < 1.0:
-            raise ValueError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
+            raise ArgumentError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
         self.model = model
         self.example_inputs = example_inputs
         self.importance = importance or tp.importance.GroupMagnitudeImportance(p=2)
@@ -81,7 +124,7 @@ class SpikingPruner:
         self.groups = self.graph.groups(include_attention_inner=prune_attention_inner)
         unknown = set(self.pruning_ratio_dict) - {g.name for g in self.groups}
         if unknown:
-            raise KeyError(f"pruning_ratio_dict names no group: {sorted(unknown)}; groups: {[g.name for g in self.groups]}")
+            raise ArgumentError(f"pruning_ratio_dict names no group: {sorted(unknown)}; groups: {[g.name for g in self.groups]}")
 
     def plan(self) -> dict[str, list[int]]:
         """Channels each group would lose (importance computed on the unpruned model)."""
@@ -110,7 +153,7 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
     """
     model = pruner.model
     expected = fresh_forward(model, example_inputs).shape
-    with restored_on_failure(model):
+    with structural_change(model):
         pruner.step()
         check_runs(model, example_inputs, expected, "a Torch-Pruning step")
 
@@ -118,7 +161,7 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
 def apply_plan(model: nn.Module, example_inputs, groups: list[PruningGroup], plan: dict[str, list[int]]) -> dict:
     """Remove ``plan[name]`` channels from each named group, verifying after each; restore on failure."""
     expected = fresh_forward(model, example_inputs).shape
-    with restored_on_failure(model):
+    with structural_change(model):
         for group in groups:
             idxs = plan.get(group.name)
             if idxs:

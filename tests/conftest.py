@@ -7,7 +7,7 @@ import torch
 from primesvt_plugin.attention import AttentionLayout
 from primesvt_plugin.building import build_model
 from primesvt_plugin.inference import fresh_forward
-from primesvt_plugin.plugins import get_plugin_manager
+from primesvt_plugin.plugins import get_plugin_manager, hookimpl
 
 # Builder name (registered by our builtins) -> arguments of a CPU-test-sized model.
 SMALL_SVIT_ARGS = {
@@ -61,3 +61,17 @@ def assert_heads_consistent(model: torch.nn.Module) -> None:
         for layer, chunks in layout.inner_out:
             channels = getattr(layer, "out_channels", getattr(layer, "num_features", None))
             assert channels == chunks * layout.inner
+
+
+class BreaksThirdNeuron:
+    """A plugin whose neuron pruning fails part-way through a group."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @hookimpl(tryfirst=True)
+    def primesvt_prune_spiking_layer(self, layer, idxs):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("simulated failure inside a structural change")
+        return None

@@ -1,20 +1,38 @@
-"""SpikingJelly's neurons: every stateful class in ``spikingjelly.activation_based.neuron``."""
+"""SpikingJelly's neurons (every stateful class in ``spikingjelly.activation_based.neuron``)
+and its stateful element-wise ``layer.*`` wrappers (Dropout, SynapseFilter, Delay, ...)."""
 from __future__ import annotations
+
+import inspect
+import re
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from spikingjelly.activation_based import base, neuron
+from spikingjelly.activation_based import base, layer as sj_layer, neuron
 
 from ..plugins import hookimpl
 
-NEURON_TYPES = sorted({cls for cls in vars(neuron).values()
-                       if isinstance(cls, type) and issubclass(cls, base.MemoryModule)}, key=lambda c: c.__name__)
+
+def _memory_modules(namespace) -> list[type]:
+    return sorted({cls for cls in vars(namespace).values()
+                   if isinstance(cls, type) and issubclass(cls, base.MemoryModule)}, key=lambda c: c.__name__)
+
+
+NEURON_TYPES = _memory_modules(neuron)
+
+# A stateful layer.* class is element-wise (channel-transparent, nothing per channel to cut)
+# when its constructor takes no width and wraps no module: Dropout(p), SynapseFilter(tau),
+# Delay(delay_steps). NeuNorm(in_channels), DropConnectLinear(in_features), the
+# BatchNormThroughTime (num_features) and the recurrent containers (sub_module) are not.
+_SIZED_OR_WRAPPING = re.compile(r"channels|features|sub_module|height|width")
+ELEMENTWISE_LAYER_TYPES = [cls for cls in _memory_modules(sj_layer)
+                           if not any(_SIZED_OR_WRAPPING.search(arg)
+                                      for arg in inspect.signature(cls.__init__).parameters)]
 
 
 @hookimpl
 def primesvt_spiking_layer_types():
-    return NEURON_TYPES
+    return NEURON_TYPES + ELEMENTWISE_LAYER_TYPES
 
 
 def per_channel_submodules(layer: nn.Module) -> list[nn.Module]:
@@ -24,6 +42,8 @@ def per_channel_submodules(layer: nn.Module) -> list[nn.Module]:
 
 @hookimpl
 def primesvt_prune_spiking_layer(layer, idxs):
+    if isinstance(layer, tuple(ELEMENTWISE_LAYER_TYPES)):
+        return True  # state only (masks, queues, currents), rebuilt by reset_net; no per-channel parameter
     if not isinstance(layer, tuple(NEURON_TYPES)):
         return None
     # Besides MPBN's batch norm, SpikingJelly neurons keep only scalars or time-step
@@ -59,6 +79,9 @@ def _leaky_charge(layer, decay: torch.Tensor | float):
 
 @hookimpl
 def primesvt_export_forward(layer):
+    if isinstance(layer, tuple(ELEMENTWISE_LAYER_TYPES)):
+        # Plain PyTorch already (no fused kernel); in eval mode the dropouts are the identity.
+        return lambda x_seq: type(layer).forward(layer, x_seq)
     kind = type(layer)
     if kind is neuron.IFNode:
         return lambda x_seq: _run(layer, x_seq, lambda x, v: v + x)
