@@ -22,6 +22,11 @@ hookspec = pluggy.HookspecMarker("primesvt")
 
 
 # -- pruning: layers and attention ---------------------------------------------
+#
+# The per-module hooks (``primesvt_prune_spiking_layer``, ``primesvt_export_forward``,
+# ``primesvt_attention_layout``) are ``firstresult``: they are called for modules of
+# every plugin's types, so an implementation returns ``None`` for a module it does
+# not know, and the first non-``None`` answer wins.
 
 
 @hookspec
@@ -32,18 +37,44 @@ def primesvt_spiking_layer_types():
     channel ``c`` of its input is channel ``c`` of its output, and pruning that
     channel also removes it from the layer's state. Subclasses of a returned
     class are handled too. Any ``spikingjelly`` ``MemoryModule`` with state that
-    no plugin handles makes pruning stop with an error naming the module.
+    no plugin handles (outside an attention block, see
+    ``primesvt_attention_layout``) makes pruning stop with an error naming the module.
+
+    Every handled layer in a model is passed to ``primesvt_prune_spiking_layer``
+    when its channels are pruned, so a plugin returning a class must also claim
+    its layers there.
+
+    :returns: a list of classes (all plugins' lists are concatenated).
     """
 
 
 @hookspec(firstresult=True)
 def primesvt_prune_spiking_layer(layer, idxs):
-    """Remove channels ``idxs`` from the per-channel parameters of ``layer``.
+    """Remove channels ``idxs`` from the per-channel parameters of ``layer``, in place.
 
-    Called for every spiking layer in a pruned group. Return ``True`` when this
-    plugin handled the layer (the first ``True`` wins). Layers whose state is
-    re-created on ``reset_net`` and that hold no per-channel parameters need
-    nothing removed, but a plugin must still claim them.
+    Called for every spiking layer (of a type from ``primesvt_spiking_layer_types``)
+    in a pruned group, while the group's convolutions are cut.
+
+    Replace each per-channel tensor by its kept slice and keep its
+    ``requires_grad`` (a frozen parameter must stay frozen)::
+
+        keep = [i for i in range(len(layer.threshold)) if i not in set(idxs)]
+        layer.threshold = nn.Parameter(layer.threshold.data[keep].clone(),
+                                       requires_grad=layer.threshold.requires_grad)
+
+    Registered buffers are replaced the same way (``layer.register_buffer``).
+    Neuron *state* (membrane potential, registered with ``register_memory``)
+    need not be cut: the engine calls ``functional.reset_net`` after every
+    structural change, and state is rebuilt from the next input. Layers with no
+    per-channel parameters need nothing removed, but a plugin must still claim
+    them by returning ``True``, or pruning stops with an error.
+
+    :param layer: the spiking layer (an ``nn.Module``), in its current width.
+    :param idxs: the channels to REMOVE: a sorted ``list[int]`` of distinct
+        indices into the layer's current channels (``0 <= i < channels``).
+    :returns: ``True`` when this plugin handled ``layer``; ``None`` for a layer it
+        does not know. firstresult: the first non-``None`` answer wins, later
+        plugins are not called.
     """
 
 
@@ -51,11 +82,19 @@ def primesvt_prune_spiking_layer(layer, idxs):
 def primesvt_export_forward(layer):
     """Return a plain-PyTorch multi-step forward ``f(x_seq) -> spikes`` for ``layer``, or ``None``.
 
-    Exporters (ONNX, OpenVINO, and NNCF quantization through OpenVINO) trace the
-    model; SpikingJelly's fused neuron kernels are custom operators no exporter
-    can convert, so while exporting each spiking layer runs this forward
-    instead. It must compute what the layer computes at inference, from a
-    fresh state (the exporter resets the model before every call).
+    Exporters (ONNX, OpenVINO, TorchScript, and NNCF quantization through
+    OpenVINO) trace the model; SpikingJelly's fused neuron kernels are custom
+    operators no exporter can convert, so while exporting each spiking layer
+    runs this forward instead. It must compute what the layer computes at
+    inference, from a fresh state (the exporter resets the model before every
+    call), using only traceable tensor operations (no Python branches on values,
+    no surrogate-gradient functions).
+
+    :param layer: a spiking layer of the model being exported.
+    :returns: ``f(x_seq)`` taking ``[T, N, ...]`` and returning the spikes with the
+        same shape, or ``None`` for a layer this plugin does not know.
+        firstresult: the first non-``None`` answer wins. A spiking layer no
+        plugin answers for makes the export fail with an error naming it.
     """
 
 
@@ -63,11 +102,19 @@ def primesvt_export_forward(layer):
 def primesvt_attention_layout(module):
     """Describe ``module`` as a spiking self-attention block, or return ``None``.
 
-    Return a ``primesvt_plugin.attention.AttentionLayout`` naming the layers that
-    read and write the residual stream, the q/k/v (inner) layers and their
-    chunking, the number of heads, and how to update the module's attributes
-    (``head_dim``, ``dim``) after pruning. The pruning engine keeps heads
-    aligned: every head loses the same number of dimensions.
+    Called for every submodule of a model whenever a pruning graph is built.
+    The returned ``primesvt_plugin.attention.AttentionLayout`` names the layers
+    that read and write the residual stream, the q/k/v (inner) layers and their
+    chunking, the neurons inside, the number of heads, and how to update the
+    module's attributes (``head_dim``, ``dim``) after pruning; its docstring
+    defines every field. The whole block becomes one channel-transparent node
+    of the dependency graph, and the engine keeps heads aligned: every head
+    loses the same number of dimensions.
+
+    :param module: any submodule of the model being pruned.
+    :returns: an ``AttentionLayout`` for ``module``, or ``None`` when ``module``
+        is not an attention block this plugin knows. firstresult: the first
+        non-``None`` answer wins.
     """
 
 
@@ -75,19 +122,27 @@ def primesvt_attention_layout(module):
 def primesvt_importances():
     """Return ``{name: factory}`` of importance criteria usable by name.
 
-    ``factory(**kwargs)`` returns a ``torch_pruning.importance.Importance``.
-    Names are what recipes put in ``prune.importance``.
+    ``factory(**kwargs)`` returns a ``torch_pruning.importance.Importance``;
+    recipes call it without arguments.
+
+    :returns: a ``dict`` from name to factory. Names are what recipes put in
+        ``prune.importance``; the dicts of all plugins are merged and a name
+        registered twice is an error.
     """
 
 
 # -- recipes: models, data, quantizers, exporters ------------------------------
+#
+# Each returns ``{name: factory}``; the dicts of all plugins are merged, and a
+# name registered twice is an error naming the second plugin.
 
 
 @hookspec
 def primesvt_model_builders():
     """Return ``{name: builder}``; ``builder(**args)`` returns an ``nn.Module``.
 
-    Names are what recipes put in ``model.name``.
+    :returns: a ``dict`` from name to builder. Names are what recipes put in
+        ``model.name``, ``args`` is the recipe's ``model.args``.
     """
 
 
@@ -95,7 +150,8 @@ def primesvt_model_builders():
 def primesvt_datasets():
     """Return ``{name: loader}``; ``loader(**args)`` returns a ``primesvt_plugin.data.DataSplits``.
 
-    Names are what recipes put in ``data.name``.
+    :returns: a ``dict`` from name to loader. Names are what recipes put in
+        ``data.name``, ``args`` is the recipe's ``data.args``.
     """
 
 
@@ -108,7 +164,9 @@ def primesvt_quantizers():
     returns an artifact with ``save(path) -> list[Path]``, ``predict(images) ->
     outputs``, ``latency_ms(image) -> float`` and ``weight_bytes(files) -> int``
     (``primesvt_plugin.quantized.OpenVINOArtifact`` is one).
-    Names are what recipes put in ``quantize.method``.
+
+    :returns: a ``dict`` from name to ``quantize``. Names are what recipes put
+        in ``quantize.method``, ``args`` is the recipe's ``quantize.args``.
     """
 
 
@@ -117,5 +175,9 @@ def primesvt_exporters():
     """Return ``{name: export}``.
 
     ``export(model, example_input, path)`` writes files named after ``path``
-    (a stem; the exporter picks the suffix) and returns the list of files written. Names are what recipes put in ``export.formats``.
+    (a ``pathlib.Path`` stem; the exporter picks the suffix) and returns the
+    list of files written.
+
+    :returns: a ``dict`` from name to ``export``. Names are what recipes put in
+        ``export.formats``.
     """

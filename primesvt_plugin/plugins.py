@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pluggy
@@ -45,6 +46,52 @@ def plugin_table(pm: pluggy.PluginManager) -> list[tuple[str, str, str]]:
     dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
     return [(name, getattr(plugin, "__name__", repr(plugin)), dists.get(id(plugin), "(registered in code)"))
             for name, plugin in pm.list_name_plugin()]
+
+
+# Hooks asked about one module at a time (firstresult), as ``primesvt plugins`` lists them.
+PER_MODULE_HOOKS = ("primesvt_prune_spiking_layer", "primesvt_attention_layout", "primesvt_export_forward")
+# What each named registry is called -> the hook returning its ``{name: factory}``.
+REGISTRIES = {
+    "models": "primesvt_model_builders",
+    "datasets": "primesvt_datasets",
+    "importances": "primesvt_importances",
+    "quantizers": "primesvt_quantizers",
+    "exporters": "primesvt_exporters",
+}
+
+
+@dataclass
+class PluginDetails:
+    """What one loaded plugin registers, for ``primesvt plugins``."""
+
+    name: str  # entry-point (registration) name
+    module: str
+    distribution: str  # "project version", or "(registered in code)"
+    hooks: list[str]  # every primesvt hook it implements
+    layer_types: list[str]  # "module.QualName" of each class from primesvt_spiking_layer_types
+    per_module_hooks: list[str]  # which of PER_MODULE_HOOKS it implements
+    registries: dict[str, list[str]] = field(default_factory=dict)  # REGISTRIES key -> names it registers
+
+
+def plugin_details(pm: pluggy.PluginManager) -> list[PluginDetails]:
+    """One ``PluginDetails`` per plugin loaded in ``pm``, in ``plugin_table`` order."""
+    rows = []
+    for name, module, dist in plugin_table(pm):
+        plugin = pm.get_plugin(name)
+        if plugin is None:  # a blocked name
+            continue
+        impls = {caller.name: impl for caller in pm.get_hookcallers(plugin) or []
+                 for impl in caller.get_hookimpls() if impl.plugin is plugin}
+        types_impl = impls.get("primesvt_spiking_layer_types")
+        types = (types_impl.function() or []) if types_impl else []
+        rows.append(PluginDetails(
+            name=name, module=module, distribution=dist, hooks=sorted(impls),
+            layer_types=[f"{t.__module__}.{t.__qualname__}" for t in types],
+            per_module_hooks=[hook for hook in PER_MODULE_HOOKS if hook in impls],
+            registries={what: sorted(impls[hook].function() or {}) for what, hook in REGISTRIES.items()
+                        if hook in impls},
+        ))
+    return rows
 
 
 def merged_registry(pm: pluggy.PluginManager, hook_name: str) -> dict[str, Callable[..., Any]]:

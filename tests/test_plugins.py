@@ -107,3 +107,48 @@ def test_plugin_model_dataset_and_exporter_work_from_yaml(tmp_path, capsys):
     listing = capsys.readouterr().out
     for registered in ("example_neuron", "example_spikformer", "digits_mirrored", "state_dict_fp16", "int8_weights_only"):
         assert registered in listing
+
+
+def test_plugin_details_show_layer_types_and_per_module_hooks(capsys):
+    from primesvt_plugin.cli import main
+    from primesvt_plugin.plugins import plugin_details
+
+    rows = {row.name: row for row in plugin_details(get_plugin_manager())}
+    example_row = rows["example_neuron"]
+    assert example_row.module == "primesvt_example_neuron.plugin"
+    assert example_row.distribution == "primesvt-example-neuron 0.1.0"
+    assert example_row.layer_types == ["primesvt_example_neuron.neuron.ChannelThresholdLIF"]
+    assert example_row.per_module_hooks == ["primesvt_prune_spiking_layer", "primesvt_export_forward"]
+    assert example_row.registries == {"models": ["example_spikformer"], "datasets": ["digits_mirrored"],
+                                      "quantizers": ["int8_weights_only"], "exporters": ["state_dict_fp16"]}
+    assert rows["attention"].per_module_hooks == ["primesvt_attention_layout"]
+    assert rows["attention"].layer_types == [] and rows["attention"].registries == {}
+    assert "spikingjelly.activation_based.neuron.lif.LIFNode" in rows["neurons"].layer_types
+
+    assert main(["plugins"]) == 0
+    listing = capsys.readouterr().out
+    example_block = listing.split("example_neuron = ")[1].split(" = ")[0]
+    assert "ChannelThresholdLIF" in example_block and "primesvt_export_forward" in example_block
+    attention_block = listing.split("attention = ")[1].split(" = ")[0]
+    assert "primesvt_attention_layout" in attention_block
+
+
+def test_example_neuron_pruning_keeps_frozen_thresholds_frozen(images):
+    from primesvt_example_neuron.plugin import primesvt_prune_spiking_layer
+
+    neuron = example.ChannelThresholdLIF(8)
+    neuron.threshold.data = torch.arange(8.0)
+    neuron.threshold.requires_grad_(False)
+    assert primesvt_prune_spiking_layer(layer=neuron, idxs=[1, 4, 5]) is True
+    assert neuron.threshold.tolist() == [0.0, 2.0, 3.0, 6.0, 7.0]
+    assert not neuron.threshold.requires_grad  # the hook contract: requires_grad is kept
+
+    torch.manual_seed(0)
+    model = example_spikformer(**SMALL)
+    for block in model.blocks:
+        block.mlp.neuron1.threshold.requires_grad_(False)
+    model.blocks[0].mlp.neuron1.threshold.requires_grad_(True)
+    SpikingPruner(model, images, pruning_ratio=0.5).step()
+    assert model.blocks[0].mlp.neuron1.threshold.requires_grad
+    assert not model.blocks[1].mlp.neuron1.threshold.requires_grad
+    assert model.blocks[1].mlp.neuron1.threshold.numel() == 128

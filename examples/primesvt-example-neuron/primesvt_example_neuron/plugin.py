@@ -22,8 +22,10 @@ def primesvt_spiking_layer_types():
 def primesvt_prune_spiking_layer(layer, idxs):
     if not isinstance(layer, ChannelThresholdLIF):
         return None
-    keep = [i for i in range(layer.threshold.numel()) if i not in set(idxs)]
-    layer.threshold = nn.Parameter(layer.threshold.data[keep].clone())
+    removed = set(idxs)  # a sorted list[int] of the channels to remove
+    keep = [i for i in range(layer.threshold.numel()) if i not in removed]
+    # a new Parameter, frozen if the old one was (nn.Parameter defaults to requires_grad=True)
+    layer.threshold = nn.Parameter(layer.threshold.data[keep].clone(), requires_grad=layer.threshold.requires_grad)
     return True
 
 
