@@ -1,73 +1,149 @@
-"""``primesvt``: run and validate recipes, list plugins."""
+"""``primesvt``: run and validate recipes, list plugins.
+
+Exit codes: 0 done, every check passed; 1 the run failed (nothing written);
+2 bad input (recipe, --set, file, --out; nothing ran); 3 the run finished and
+wrote its outputs but some of its checks failed; 130 / 143 interrupted
+(Ctrl-C / SIGTERM; nothing written).
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from .data import DataError
-from .plugins import PluginError, get_plugin_manager, plugin_table
-from .serialization import CheckpointError
-from .recipe import RecipeError, load_recipe
+from .errors import Interrupted, PrimeSVTError, first_line
+from .plugins import get_plugin_manager
+from .recipe import find_recipe, load_recipe
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_CHECKS_FAILED = 3
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="primesvt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="primesvt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a recipe: train, prune, quantize, export")
-    run.add_argument("recipe", type=Path)
-    run.add_argument("--out", type=Path, help="output folder (default: the recipe's 'out')")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe field, e.g. --set prune.memory_saving=0.3 (repeatable)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    validate = commands.add_parser("validate", help="check a recipe without running it")
-    validate.add_argument("recipe", type=Path)
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate = commands.add_parser("validate", help="check a recipe: names, files, arguments, the model on one sample")
+    for command in (run, validate):
+        command.add_argument("recipe", help="a recipe file, or the name of a recipe shipped with primesvt "
+                                            "(e.g. spikformer_digits)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a recipe field, e.g. --set prune.memory_saving=0.3 (repeatable)")
+        command.add_argument("--allow-code", action="store_true",
+                             help="let a 'module:function' model name import and run that Python code")
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    run.add_argument("--out", type=Path, help="output folder (default: the recipe's 'out'); only a previous "
+                                              "run's output is ever replaced")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     commands.add_parser("plugins", help="list loaded plugins and what they register")
     return parser
 
 
 def _plugins() -> None:
-    from .plugins import merged_registry
+    import textwrap
+
+    from .plugins import REGISTRIES, merged_registry, plugin_details
+
+    def show(label: str, names: list[str], indent: int = 4) -> None:
+        if names:
+            print(textwrap.fill(", ".join(names), width=100, initial_indent=f"{' ' * indent}{label}: ",
+                                subsequent_indent=" " * (indent + 4), break_on_hyphens=False))
 
     pm = get_plugin_manager()
-    for name, module, dist in plugin_table(pm):
-        print(f"{name:16s} {module:40s} from {dist}")
-    for hook, what in [("primesvt_model_builders", "models"), ("primesvt_datasets", "datasets"),
-                       ("primesvt_importances", "importances"), ("primesvt_quantizers", "quantizers"),
-                       ("primesvt_exporters", "exporters")]:
-        print(f"{what}: {', '.join(sorted(merged_registry(pm, hook)))}")
+    for row in plugin_details(pm):
+        print(f"{row.name} = {row.module}  ({row.distribution})")
+        by_module: dict[str, list[str]] = {}
+        for qualified in row.layer_types:
+            module, _, cls = qualified.rpartition(".")
+            by_module.setdefault(module, []).append(cls)
+        if by_module:
+            print("    neuron types:")
+        for module, classes in by_module.items():
+            show(module, classes, indent=6)
+        show("per-module hooks", row.per_module_hooks)
+        for what, names in row.registries.items():
+            show(what, names)
+    print("registries (all plugins):")
+    for what, hook in REGISTRIES.items():
+        show(what, sorted(merged_registry(pm, hook)))
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
+def _error(message: str) -> None:
+    print(f"primesvt: error: {message}", file=sys.stderr)
+
+
+def _run(args) -> int:
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    from .runner import failed_checks, preflight, probe, run_recipe  # heavy imports only when running
+
+    pm = get_plugin_manager()
+    if args.command == "validate":
+        preflight(recipe, pm, args.allow_code)
+        probe(recipe, pm, args.allow_code)
+        print(f"{args.recipe}: ok")
+        return 0
+    report = run_recipe(recipe, out=args.out, progress=not args.quiet, allow_code=args.allow_code)
+    for stage in report["stages"]:
+        acc = stage.get("test_accuracy")
+        print(f"{stage['stage']:>22s}: test accuracy {100 * acc:.2f}%" + (
+            f", weights {stage['weight_bytes']} B" if stage.get("weight_bytes") else "") + (
+            f", runs at {stage['inference_precision']}" if stage.get("inference_precision") else ""))
+    for name, check in report["checks"].items():
+        print(f"{'PASS' if check['ok'] else 'FAIL'} {name}: {check['detail']}")
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    print(f"wrote {report['out']} in {report['seconds']:.1f} s")
+    failed = failed_checks(report)
+    if failed:
+        _error(f"{len(failed)} check(s) failed ({'; '.join(failed)}); the outputs were written to {report['out']}")
+        return EXIT_CHECKS_FAILED
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    # SpikingJelly registers its kernels as torch custom ops; on CPU-only installs torch then warns
+    # "Triton not available" on stderr, which says nothing about the run and breaks one-line errors.
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+    if args.command == "plugins":
+        _plugins()
+        return 0
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works there only
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
     try:
-        if args.command == "plugins":
-            _plugins()
-            return 0
-        recipe = load_recipe(args.recipe, args.overrides)
-        from .runner import preflight, run_recipe
-
-        if args.command == "validate":
-            preflight(recipe, get_plugin_manager())
-            print(f"{args.recipe}: ok")
-            return 0
-        report = run_recipe(recipe, out=args.out, progress=not args.quiet)
-    except (RecipeError, PluginError, DataError, CheckpointError) as error:
-        print(f"primesvt: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    for stage in report["stages"]:
-        acc = stage.get("test_accuracy")
-        print(f"{stage['stage']:>22s}: test accuracy {100 * acc:.2f}%" + (
-            f", weights {stage['weight_bytes']} B" if stage.get("weight_bytes") else ""))
-    for name, check in report["checks"].items():
-        print(f"{'PASS' if check['ok'] else 'FAIL'} {name}: {check['detail']}")
-    print(f"wrote {report['out']} in {report['seconds']:.1f} s")
-    return 0
+        return _run(args)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
+        signum = signal.SIGTERM if isinstance(stop, Interrupted) else signal.SIGINT
+        _error(f"{stop or 'interrupted (Ctrl-C)'}; nothing was written, a previous output is unchanged")
+        return EXIT_INTERRUPTED[signum]
+    except PrimeSVTError as error:
+        if args.debug:
+            raise
+        kept = "" if error.exit_code == EXIT_BAD_INPUT else "; nothing was written, a previous output is unchanged"
+        _error(f"{error}{kept}")
+        return error.exit_code
+    except Exception as error:
+        if args.debug:
+            raise
+        first = first_line(error)
+        _error(f"unexpected {type(error).__name__}: {first}; nothing was written (rerun with --debug for the "
+               "traceback, and please report it)")
+        return EXIT_FAILED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

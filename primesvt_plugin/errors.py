@@ -15,6 +15,11 @@ catching ``ValueError`` / ``RuntimeError`` / ``TypeError`` keeps working.
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for one-line reports."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class PrimeSVTError(Exception):
     """Base of every error primesvt raises on purpose."""
 
@@ -87,5 +92,13 @@ class ExportError(RunFailed, RuntimeError):
     """The model cannot be exported, or the export disagrees with the model; nothing was written."""
 
 
-class Interrupted(RunFailed):
-    """The run was stopped by a signal (Ctrl-C, SIGTERM); nothing was written."""
+# -- stop requests ----------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGTERM; nothing was written.
+
+    Like Ctrl-C's ``KeyboardInterrupt`` (and unlike ``PrimeSVTError``) it is not an
+    ``Exception``, so no ``except Exception`` in our code or a library's swallows a
+    stop request on its way out.
+    """

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pluggy
@@ -20,9 +21,10 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional
 
 from .inference import fresh_forward, inference
-from .errors import ExportError
+from .errors import ArgumentError, ExportError
 from .memory import stateful_modules
 from .plugins import get_plugin_manager
+from .training import class_scores
 
 
 class FreshStateModel(nn.Module):
@@ -65,27 +67,105 @@ def exportable(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Iter
             layer.__dict__.pop("forward", None)
 
 
-AGREEMENT_ATOL = 1e-4
+PRECISIONS = ("f32", "bf16", "f16")
+DEFAULT_MIN_AGREEMENT = 0.995
 
 
-def reference_output(model: nn.Module, example_input: torch.Tensor) -> np.ndarray:
-    """The PyTorch model's own output (SpikingJelly kernels, fresh state) on the example."""
-    return fresh_forward(model, example_input).numpy()
+def compile_openvino(ov_model, precision: str = "f32"):
+    """Compile an OpenVINO model for the CPU at ``precision`` (its ``INFERENCE_PRECISION_HINT``).
 
-
-def check_agreement(what: str, got: np.ndarray, expected: np.ndarray) -> None:
-    """Refuse an export whose output on the example differs from the PyTorch model's."""
-    if got.shape != expected.shape or not np.allclose(got, expected, atol=AGREEMENT_ATOL):
-        gap = np.abs(got - expected).max() if got.shape == expected.shape else f"shape {got.shape}"
-        raise ExportError(f"{what} disagrees with the PyTorch model on the example input ({gap} vs "
-                          f"{expected.shape}); not written")
-
-
-def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None) -> list[Path]:
-    """Write ``path`` (.onnx), checked against the model; the batch size is the example's."""
+    Never left to the default: OpenVINO computes in bf16 on CPUs with native BF16
+    (f16 on GPUs), and a spiking model turns that rounding into flipped spikes.
+    """
     import openvino as ov
 
-    expected = reference_output(model, example_input)
+    if precision not in PRECISIONS:
+        raise ArgumentError(f"inference precision must be one of {PRECISIONS}, got {precision!r}")
+    return ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+
+
+def compiled_precision(compiled) -> str:
+    """The precision a compiled OpenVINO model really runs at (``f32``, ``bf16``, ...), read back."""
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def cpu_description() -> dict:
+    """This CPU as OpenVINO sees it: name, capabilities (BF16, FP16, INT8) and default precision."""
+    import openvino as ov
+
+    core = ov.Core()
+    return {"device": core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+            "default_precision": core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()}
+
+
+def predict_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
+    """``run`` over ``images`` in batches of exactly ``batch_size`` (exports may fix the batch size:
+    the last batch is padded), outputs joined on the batch axis (a leading time axis is kept)."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        n = len(batch)
+        if n < batch_size:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
+        out = np.asarray(run(batch))
+        outputs.append(out[:, :n] if out.ndim == 3 else out[:n])
+    return np.concatenate(outputs, axis=1 if outputs[0].ndim == 3 else 0)
+
+
+def predict_torch(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """The PyTorch model's own outputs (SpikingJelly kernels, fresh state per batch) on ``images``."""
+    return predict_batches(lambda batch: fresh_forward(model, torch.from_numpy(batch)).numpy(), images, batch_size)
+
+
+@dataclass
+class Verification:
+    """What an export must reproduce before it is written: the PyTorch model's decisions.
+
+    A spiking model amplifies tiny numeric differences into flipped spikes, so an
+    export is judged by top-1 agreement with the model on ``images`` (at least
+    ``min_agreement``), and the largest logit gap is reported alongside.
+    ``precision`` is the inference precision exporters compile for.
+    """
+
+    images: np.ndarray
+    reference: np.ndarray
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    precision: str = "f32"
+    results: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: nn.Module, images: np.ndarray, **options) -> "Verification":
+        """Verification against ``model``'s outputs on ``images``."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        return cls(images, predict_torch(model, images), **options)
+
+    def check(self, what: str, outputs: np.ndarray, precision: str) -> dict:
+        """Record how ``outputs`` (the export's, on ``images``) agree; refuse below ``min_agreement``."""
+        if outputs.shape != self.reference.shape:
+            raise ExportError(f"{what} outputs shape {outputs.shape}, the PyTorch model {self.reference.shape}; "
+                              "not written")
+        agreement = float((class_scores(outputs).argmax(-1) == class_scores(self.reference).argmax(-1)).mean())
+        gap = float(np.abs(outputs - self.reference).max())
+        result = {"agreement": agreement, "samples": len(self.images), "max_logit_gap": gap, "precision": precision}
+        if agreement < self.min_agreement:
+            raise ExportError(f"{what} agrees with the PyTorch model on {agreement:.2%} of {len(self.images)} "
+                              f"samples at {precision} (needs {self.min_agreement:.2%}; largest logit gap "
+                              f"{gap:.3g}); not written")
+        self.results[what] = result
+        return result
+
+
+def _verification(model: nn.Module, example_input: torch.Tensor, verification: Verification | None) -> Verification:
+    return verification or Verification.of(model, example_input.numpy())
+
+
+def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None,
+            verification: Verification | None = None) -> list[Path]:
+    """Write ``path`` (.onnx), verified on OpenVINO's ONNX reader; the batch size is the example's."""
+    import openvino as ov
+
+    verification = _verification(model, example_input, verification)
     with exportable(model, pm) as traceable, torch.no_grad():
         try:
             torch.onnx.export(traceable, (example_input,), str(path), dynamo=False, opset_version=17,
@@ -93,7 +173,9 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None) 
         except Exception as error:
             raise ExportError(f"ONNX export failed: {error}") from error
     try:
-        check_agreement("ONNX export", run_openvino(ov.Core().read_model(str(path)), example_input.numpy()), expected)
+        compiled = compile_openvino(ov.Core().read_model(str(path)), verification.precision)
+        outputs = predict_batches(lambda batch: compiled(batch)[0], verification.images, len(example_input))
+        verification.check("ONNX export", outputs, compiled_precision(compiled))
     except Exception as error:
         path.unlink()
         if isinstance(error, ExportError):
@@ -121,11 +203,14 @@ def save_openvino(ov_model, path: Path) -> list[Path]:
     return [path, path.with_suffix(".bin")]
 
 
-def to_openvino(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None) -> list[Path]:
-    """Write ``path`` (.xml + .bin), checked against the model."""
+def to_openvino(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None,
+                verification: Verification | None = None) -> list[Path]:
+    """Write ``path`` (.xml + .bin), verified at the verification's precision."""
+    verification = _verification(model, example_input, verification)
     ov_model = to_openvino_model(model, example_input, pm)
-    check_agreement("OpenVINO export", run_openvino(ov_model, example_input.numpy()),
-                    reference_output(model, example_input))
+    compiled = compile_openvino(ov_model, verification.precision)
+    verification.check("OpenVINO export", predict_compiled(compiled, verification.images),
+                       compiled_precision(compiled))
     return save_openvino(ov_model, path)
 
 
@@ -142,13 +227,10 @@ def quantize_int8(model: nn.Module, example_input: torch.Tensor, calibration: It
 
 
 def predict_compiled(compiled, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Outputs of a compiled OpenVINO model on ``images``, batch by batch (time axis kept first)."""
-    outputs = [compiled(images[i:i + batch_size])[0] for i in range(0, len(images), batch_size)]
-    return np.concatenate(outputs, axis=-2 if outputs[0].ndim == 3 else 0)
+    """Outputs of a compiled OpenVINO model on ``images``, batch by batch."""
+    return predict_batches(lambda batch: compiled(batch)[0], images, batch_size)
 
 
-def run_openvino(ov_model, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Outputs of an OpenVINO model on ``images``."""
-    import openvino as ov
-
-    return predict_compiled(ov.Core().compile_model(ov_model, "CPU"), images, batch_size)
+def run_openvino(ov_model, images: np.ndarray, precision: str = "f32", batch_size: int = 16) -> np.ndarray:
+    """Outputs of an OpenVINO model on ``images``, compiled at ``precision``."""
+    return predict_compiled(compile_openvino(ov_model, precision), images, batch_size)

@@ -7,21 +7,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import predict_compiled, save_openvino
+from .errors import CheckpointError, first_line
+from .export import compile_openvino, compiled_precision, predict_compiled, save_openvino
 from .latency import median_ms
 
 
 @dataclass
 class OpenVINOArtifact:
-    """A (quantized) OpenVINO model, compiled for the CPU on first use."""
+    """A (quantized) OpenVINO model, compiled for the CPU at ``precision`` on first use.
+
+    ``precision`` applies to the operations left in floating point (INT8 ones stay INT8).
+    """
 
     ov_model: object
+    precision: str = "f32"
 
     @functools.cached_property
     def compiled(self):
-        import openvino as ov
+        return compile_openvino(self.ov_model, self.precision)
 
-        return ov.Core().compile_model(self.ov_model, "CPU")
+    @property
+    def compiled_precision(self) -> str:
+        """The precision the CPU really runs the floating-point operations at (read back)."""
+        return compiled_precision(self.compiled)
 
     def save(self, path: Path) -> list[Path]:
         """Write ``path`` (.xml) and the .bin holding the weights."""
@@ -40,11 +48,17 @@ class OpenVINOArtifact:
         return sum(f.stat().st_size for f in files if f.suffix == ".bin")
 
 
-def load_quantized(path: str | Path) -> OpenVINOArtifact:
-    """Load ``model_int8.xml`` (with its .bin) written by a recipe run."""
+def load_quantized(path: str | Path, precision: str = "f32") -> OpenVINOArtifact:
+    """Load ``model_int8.xml`` (with its .bin) written by a recipe run, to run at ``precision``."""
     import openvino as ov
 
     path = Path(path)
     if not path.is_file() or not path.with_suffix(".bin").is_file():
-        raise FileNotFoundError(f"{path} and its .bin are needed to load a quantized model")
-    return OpenVINOArtifact(ov.Core().read_model(str(path)))
+        raise CheckpointError(f"{path} and its .bin are needed to load a quantized model")
+    try:
+        artifact = OpenVINOArtifact(ov.Core().read_model(str(path)), precision)
+        artifact.compiled  # a truncated .bin only shows when the weights are read
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} is not a readable OpenVINO model (truncated or another format?): "
+                              f"{first_line(error)}") from None
+    return artifact

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from .errors import RecipeError
 
 DATA_PATH_ARGS = ("path", "root")
@@ -78,10 +79,16 @@ class QuantizeSection(Section):
 
 class ExportSection(Section):
     formats: list[str] = Field(default_factory=lambda: ["onnx", "openvino"])
+    inference_precision: Literal["f32", "bf16", "f16"] = Field(
+        "f32", description="precision OpenVINO computes the floating-point operations in, for the export checks "
+                           "and the INT8 model's evaluation; f32 unless the target runs bf16/f16 (spikes may flip)")
+    min_agreement: float = Field(0.995, gt=0, le=1, description="top-1 agreement with the PyTorch model an "
+                                                                 "export needs on the test samples to be written")
+    verify_samples: int = Field(1000, gt=0, description="test samples exports are verified on (at most)")
 
 
 class Recipe(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds data splits, training and the search")
     out: Path = Path("runs/out")
     model: ModelSection
     data: DataSection = Field(default_factory=DataSection)
@@ -126,16 +133,42 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or switched off with 'section: null'
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {override!r}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--set {override!r}: the value is not valid YAML: "
+                              f"{getattr(error, 'problem', None) or error}") from None
     return data
 
 
 def _field_path(error: dict) -> str:
     return ".".join(str(part) for part in error["loc"]) or "(top level)"
+
+
+SHIPPED = Path(__file__).parent / "recipes"  # package data: installed with the wheel
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes shipped with primesvt, by name (``spikformer_digits``, ...)."""
+    return {path.stem: path for path in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: the path given, or the shipped recipe of that name when no such file exists."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    shipped = shipped_recipes()
+    if path.name not in shipped:
+        raise RecipeError(f"{name_or_path}: no such recipe file, and primesvt ships no recipe of that name "
+                          f"(shipped: {', '.join(shipped)})")
+    return shipped[path.name]
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -144,7 +177,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""

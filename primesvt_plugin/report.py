@@ -54,7 +54,7 @@ def plot_sensitivity(prime_report: dict, path: Path) -> None:
         if g["sensitivity"]:
             left.plot([s["rate"] for s in g["sensitivity"]], [s["accuracy"] for s in g["sensitivity"]],
                       marker="o", label=g["name"])
-    floor = prime_report["baseline"]["accuracy"] - prime_report["constraints"]["max_accuracy_drop"]
+    floor = prime_report["constraints"]["accuracy_floor"]  # max_accuracy_drop may be None (min_accuracy only)
     left.axhline(floor, color="k", linestyle="--", label="allowed floor")
     left.set(xlabel="pruning rate (group alone)", ylabel="validation accuracy", title="Sensitivity")
     left.legend(fontsize=6)

@@ -1,58 +1,92 @@
-"""Run a recipe: train -> PrimeSVT prune (+ fine-tune) -> NNCF INT8 -> export, atomically."""
+"""Run a recipe: train -> PrimeSVT prune (+ fine-tune) -> NNCF INT8 -> export, all at once or nothing.
+
+Everything a recipe names (model, data, importance, quantizer, exporters, files)
+is checked by ``preflight`` before anything runs; ``probe`` then builds the
+model and runs it on one sample of the data, so a wrong argument is one line
+naming the field, never a traceback half-way through a run.
+"""
 from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
+import io
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pluggy
 import torch
+import torch.nn as nn
 
 from .building import build_model, resolve_builder
 from .data import DataSplits
+from .errors import DataError, InputError, PluginError, RecipeError, first_line
+from .export import Verification, cpu_description
+from .inference import fresh_forward
 from .latency import model_latency_ms
 from .memory import footprint
+from .output import RUN_FORMAT, staged_output
 from .plugins import get_plugin_manager, lookup, merged_registry
 from .policy import prime
 from .pruner import SpikingPruner
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe
 from .report import plot_sensitivity, write_markdown
-from .serialization import save_pruned
+from .serialization import load_state_dict_file, save_pruned
 from .training import accuracy, class_scores, train
 
 log = logging.getLogger(__name__)
 
+# Optional keyword arguments a plugin's function receives when its signature accepts them.
+EXPORT_OPTIONS = ("verification",)
+QUANTIZE_OPTIONS = ("inference_precision",)
 
-def preflight(recipe: Recipe, pm: pluggy.PluginManager) -> None:
-    """Check every name and file the recipe refers to, before anything runs or is written."""
+
+def accepted(fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that ``fn`` accepts as keyword arguments (all, for ``**kwargs``)."""
+    parameters = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in parameters}
+
+
+def _check_arguments(where: str, field: str, fn: Callable, *args, **kwargs) -> None:
+    """Refuse arguments ``fn`` cannot take, naming the recipe field."""
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as error:
+        raise RecipeError(f"{where}: {field}: {error}") from None
+
+
+def preflight(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) -> None:
+    """Check every name, argument and file the recipe refers to, before anything runs or is written."""
     where = recipe.source or "recipe"
-    checks = [("model.name", recipe.model.name, "primesvt_model_builders"),
-              ("data.name", recipe.data.name, "primesvt_datasets")]
+    checks = [("data.name", recipe.data.name, "primesvt_datasets")]
     if recipe.prune:
         checks.append(("prune.importance", recipe.prune.importance, "primesvt_importances"))
     if recipe.quantize:
         checks.append(("quantize.method", recipe.quantize.method, "primesvt_quantizers"))
     for fmt in recipe.export.formats if recipe.export else []:
         checks.append(("export.formats", fmt, "primesvt_exporters"))
+    try:
+        resolve_builder(recipe.model.name, pm, recipe_folder(recipe), trust_code=allow_code)
+    except InputError as error:
+        raise RecipeError(f"{where}: model.name: {error}") from None
     for field, name, hook in checks:
-        if field == "model.name" and ":" in name:
-            try:
-                resolve_builder(name, pm, recipe_folder(recipe))
-            except Exception as error:
-                raise RecipeError(f"{where}: {field}: {error}") from None
-            continue
         registry = merged_registry(pm, hook)
         if name not in registry:
             raise RecipeError(f"{where}: {field}: unknown {name!r}; available: {', '.join(sorted(registry))}")
+    _check_arguments(where, "data.args", lookup(pm, "primesvt_datasets", recipe.data.name, "dataset"),
+                     **_data_args(recipe))
+    if recipe.quantize:
+        quantizer = lookup(pm, "primesvt_quantizers", recipe.quantize.method, "quantizer")
+        _check_arguments(where, "quantize.args", quantizer, None, None, None,
+                         subset_size=recipe.quantize.calibration_size, **recipe.quantize.args)
     for field, path in recipe.input_files().items():
         missing = not path.is_file() if field == "model.checkpoint" else not path.exists()
         if missing:
@@ -62,24 +96,33 @@ def preflight(recipe: Recipe, pm: pluggy.PluginManager) -> None:
         raise RecipeError(f"{where}: finetune: needs a prune section (fine-tuning repairs pruning)")
 
 
-@contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """A scratch folder that becomes ``out`` only if the block succeeds (then replacing it)."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+@dataclass
+class Probe:
+    """The recipe's data and model, checked to run together on one sample."""
+
+    data: DataSplits
+    model: nn.Module
+    example: torch.Tensor
+
+
+def probe(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) -> Probe:
+    """Load the data, build the model (and its checkpoint) and run it on one sample; errors name the field."""
+    where = recipe.source or "recipe"
+    data = _load_data(recipe, pm)
     try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        model = build_model(recipe.model.name, recipe.model.args, pm, recipe_folder(recipe), trust_code=allow_code)
+    except PluginError as error:
+        raise RecipeError(f"{where}: model.args: {error}") from None
+    if recipe.model.checkpoint is not None:
+        load_state_dict_file(model, recipe.input_files()["model.checkpoint"])
+    example = torch.from_numpy(data.x_val[:1])
+    try:
+        fresh_forward(model, example)
+    except Exception as error:
+        first = first_line(error)
+        raise RecipeError(f"{where}: model.args: {recipe.model.name} does not run on {recipe.data.name} images of "
+                          f"shape {tuple(example.shape)}: {first}") from None
+    return Probe(data, model, example)
 
 
 def recipe_folder(recipe: Recipe) -> Path | None:
@@ -92,27 +135,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_data(recipe: Recipe, pm) -> DataSplits:
+def _data_args(recipe: Recipe) -> dict[str, Any]:
     files = recipe.input_files()
     args = {key: files.get(f"data.args.{key}", value) for key, value in recipe.data.args.items()}
     args.setdefault("seed", recipe.seed)
-    return lookup(pm, "primesvt_datasets", recipe.data.name, "dataset")(**args)
+    return args
+
+
+def _load_data(recipe: Recipe, pm) -> DataSplits:
+    loader = lookup(pm, "primesvt_datasets", recipe.data.name, "dataset")
+    try:
+        return loader(**_data_args(recipe))
+    except InputError:
+        raise
+    except Exception as error:  # a plugin's loader: say which field to look at
+        first = first_line(error)
+        raise DataError(f"{recipe.source or 'recipe'}: data.args: dataset {recipe.data.name!r} failed with "
+                        f"{dict(recipe.data.args)}: {first}") from None
 
 
 def _predict_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float((class_scores(outputs).argmax(1) == labels).mean())
 
 
+def chance_accuracy(labels: np.ndarray, num_classes: int) -> float:
+    """What a model guessing (or always predicting the commonest class) scores on ``labels``."""
+    return max(1.0 / num_classes, float(np.bincount(labels).max() / len(labels)))
+
+
 def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager | None = None,
-               progress: bool = True) -> dict:
-    """Run every section of ``recipe``; all files appear in ``out`` at once, or none do."""
+               progress: bool = True, allow_code: bool = False) -> dict:
+    """Run every section of ``recipe``; all files appear in ``out`` at once, or none do.
+
+    ``allow_code`` lets a ``module:function`` model name import and run that code.
+    """
     pm = pm or get_plugin_manager()
-    preflight(recipe, pm)
-    out = Path(out or recipe.out)
+    preflight(recipe, pm, allow_code)
+    out = Path(recipe.out if out is None else out)
     started = time.perf_counter()
     seed_everything(recipe.seed)
     with staged_output(out) as stage:
-        report = _run(recipe, stage, pm, progress)
+        report = _run(recipe, probe(recipe, pm, allow_code), stage, pm, progress)
         report["seconds"] = time.perf_counter() - started
         written = {str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()}
         report["files"] = sorted(written | {"report.json", "report.md"})
@@ -122,18 +185,19 @@ def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager
     return report
 
 
-def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
-    data = _load_data(recipe, pm)
-    model = build_model(recipe.model.name, recipe.model.args, pm, recipe_folder(recipe))
-    if recipe.model.checkpoint is not None:
-        state = torch.load(recipe.input_files()["model.checkpoint"], map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    example = torch.from_numpy(data.x_val[:1])
+def failed_checks(report: dict) -> list[str]:
+    """Names of the report's checks that did not pass."""
+    return [name for name, check in report["checks"].items() if not check["ok"]]
+
+
+def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict:
+    data, model, example = probed.data, probed.model, probed.example
     val = data.loader("val", recipe.data.batch_size, limit=recipe.data.val_subset)
     test = data.loader("test", recipe.data.batch_size)
     stages, checks = [], {}
-    report = {"recipe": str(recipe.source), "finished": None, "stages": stages, "checks": checks,
-              "recipe_data": recipe.model_dump(mode="json")}
+    report = {"format": RUN_FORMAT, "recipe": str(recipe.source), "finished": None, "stages": stages,
+              "checks": checks, "warnings": [], "recipe_data": recipe.model_dump(mode="json"),
+              "environment": {"cpu": cpu_description(), "torch": torch.__version__}}
 
     if recipe.train:
         t = recipe.train
@@ -149,7 +213,8 @@ def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
 
     plan: dict[str, list[int]] = {}
     if recipe.prune:
-        plan = _prune(recipe, model, example, val, data, report, stage, pm, progress)
+        chance = chance_accuracy(data.y_val, data.num_classes)
+        plan = _prune(recipe, model, example, val, data, chance, report, stage, pm, progress)
         model.eval()
         pruned = footprint(model, example)
         saving = 1 - pruned.bytes_of(recipe.prune.memory) / baseline.bytes_of(recipe.prune.memory)
@@ -164,19 +229,28 @@ def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
             checks[f"{recipe.prune.memory} memory saving"] = {
                 "ok": saving >= recipe.prune.memory_saving - 1e-9,
                 "detail": f"{saving:.2%} (wanted {recipe.prune.memory_saving:.2%})"}
+            baseline_val = report["prune"]["baseline"]["accuracy"]
+            checks["baseline above chance level"] = {
+                "ok": baseline_val > chance + 0.01,
+                "detail": f"validation accuracy {baseline_val:.2%}, chance {chance:.2%}"}
+            report["warnings"] += report["prune"].get("warnings", [])
     save_pruned(model, stage / "model.pt", recipe.model.name, recipe.model.args, tuple(example.shape), plan)
     torch.save(model.state_dict(), stage / "state_dict.pt")
+    precision = recipe.export.inference_precision if recipe.export else "f32"
 
     if recipe.quantize:
         q = recipe.quantize
         quantizer = lookup(pm, "primesvt_quantizers", q.method, "quantizer")
         calibration = [data.x_train[i:i + 1] for i in range(min(q.calibration_size, len(data.x_train)))]
-        artifact = quantizer(model, example, calibration, subset_size=q.calibration_size, **q.args)
+        with _quiet(not progress):
+            artifact = quantizer(model, example, calibration, subset_size=q.calibration_size, **q.args,
+                                 **accepted(quantizer, {"inference_precision": precision}))
         files = artifact.save(stage / "model_int8")
         weight_bytes = artifact.weight_bytes(files)
         int8_test = _predict_accuracy(artifact.predict(data.x_test), data.y_test)
         stages.append({"stage": f"{q.method}", "test_accuracy": int8_test, "weight_bytes": weight_bytes,
-                       "latency_ms": artifact.latency_ms(example.numpy())})
+                       "latency_ms": artifact.latency_ms(example.numpy()),
+                       "inference_precision": getattr(artifact, "compiled_precision", None)})
         if recipe.prune:  # the embedded budget the default recipe promises: pruning + INT8
             checks["int8 weights <= 25% of unpruned fp32 params"] = {
                 "ok": weight_bytes <= 0.25 * param_bytes,
@@ -186,15 +260,36 @@ def _run(recipe: Recipe, stage: Path, pm, progress: bool) -> dict:
             "detail": f"{100 * baseline_test:.2f}% -> {100 * int8_test:.2f}%"}
 
     if recipe.export:
+        e = recipe.export
+        verification = Verification.of(model, data.x_test[:e.verify_samples], min_agreement=e.min_agreement,
+                                       precision=e.inference_precision)
         exported = []
-        for fmt in recipe.export.formats:
-            exported += lookup(pm, "primesvt_exporters", fmt, "exporter")(model, example, stage / "model")
+        for fmt in e.formats:
+            exporter = lookup(pm, "primesvt_exporters", fmt, "exporter")
+            exported += exporter(model, example, stage / "model", **accepted(exporter, {"verification": verification}))
         report["exports"] = [str(Path(p).name) for p in exported]
+        report["export_checks"] = verification.results
     report["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     return report
 
 
-def _prune(recipe: Recipe, model, example, val, data: DataSplits, report: dict, stage: Path, pm,
+@contextlib.contextmanager
+def _quiet(quiet: bool):
+    """Inside, when ``quiet``: third-party progress bars (NNCF draws one on stdout) and INFO logs are hidden."""
+    if not quiet:
+        yield
+        return
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        nncf_log.setLevel(level)
+
+
+def _prune(recipe: Recipe, model, example, val, data: DataSplits, chance: float, report: dict, stage: Path, pm,
            progress: bool) -> dict[str, list[int]]:
     p = recipe.prune
     importance = lookup(pm, "primesvt_importances", p.importance, "importance")()
@@ -207,7 +302,7 @@ def _prune(recipe: Recipe, model, example, val, data: DataSplits, report: dict, 
         return plan
     result = prime(model, example, lambda m: accuracy(m, val), p.memory_saving, p.max_accuracy_drop, p.min_accuracy,
                    rates=p.rates, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
-                   progress=progress, pm=pm)
+                   progress=progress, pm=pm, chance_accuracy=chance)
     report["prune"] = result.report
     if result.report["groups"]:
         plot_sensitivity(result.report, stage / "sensitivity.png")

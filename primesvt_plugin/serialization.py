@@ -5,7 +5,9 @@ the recipe for rebuilding it: builder name and arguments, the example input
 shape, and the pruning plan (channels removed per group). Loading builds the
 model, replays the plan through the same pruning engine, and loads the
 weights strictly, so the result is bit-for-bit the saved model. The file holds
-only tensors and plain data: it loads with ``torch.load(weights_only=True)``.
+only tensors and plain data: it loads with ``torch.load(weights_only=True)``,
+and its builder name resolves to a registered builder only (a ``module:function``
+builder needs ``trust_code=True``): a file never runs code by itself.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import torch
 import torch.nn as nn
 
 from .building import build_model
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .graph import SpikingGraph
+from .output import umask_mode
 from .pruner import apply_plan
 
 FORMAT = "primesvt-pruned-model/1"
@@ -33,6 +36,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, umask_mode(False))  # mkstemp makes 0600; the user's umask decides
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -54,25 +58,63 @@ def save_pruned(model: nn.Module, path: str | Path, builder: str, builder_args: 
     return Path(path)
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_tensors(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, never code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or another format?): "
-                              f"{str(error).splitlines()[0]}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign, or a pickle that would run code
+        first = first_line(error)
+        raise CheckpointError(f"{path} is not a readable {what} (truncated, another format, or a pickle "
+                              f"carrying code, which is never loaded): {first}") from None
+
+
+def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
+    """Load the state dict in ``path`` into ``model`` strictly; ``CheckpointError`` if it does not fit."""
+    state = read_tensors(path, "state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit the model: {first_line(error)} "
+                              "(was it saved from a model with other arguments?)") from None
+
+
+# Each field of a pruned-model file and the type it must have.
+FIELDS = {"builder": str, "builder_args": dict, "example_shape": list, "plan": dict, "state_dict": dict}
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The payload of a ``save_pruned`` file, every field checked."""
+    payload = read_tensors(path, "primesvt pruned model")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a primesvt pruned model (expected format {FORMAT!r}); "
                               "plain state dicts load with model.load_state_dict(torch.load(path))")
+    for field, kind in FIELDS.items():
+        if not isinstance(payload.get(field), kind):
+            raise CheckpointError(f"{path}: field {field!r} is missing or not a {kind.__name__}; "
+                                  "the file is damaged or was not written by save_pruned")
+    plan_ok = all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in payload["plan"].values())
+    shape_ok = payload["example_shape"] and all(isinstance(d, int) and d > 0 for d in payload["example_shape"])
+    if not (plan_ok and shape_ok):
+        raise CheckpointError(f"{path}: plan or example_shape is malformed; the file is damaged")
     return payload
 
 
-def load_pruned(path: str | Path, pm: pluggy.PluginManager | None = None) -> nn.Module:
-    """Rebuild, re-prune and load the model saved by ``save_pruned`` (eval mode)."""
+def load_pruned(path: str | Path, pm: pluggy.PluginManager | None = None, trust_code: bool = False,
+                search_path: str | Path | None = None) -> nn.Module:
+    """Rebuild, re-prune and load the model saved by ``save_pruned`` (eval mode).
+
+    A file whose builder is ``module:function`` imports and runs that code: pass
+    ``trust_code=True`` only for files from a source you trust, and ``search_path``
+    when the module lives in a folder Python does not search (e.g. the recipe's).
+    """
     payload = read_checkpoint(path)
-    model = build_model(payload["builder"], payload["builder_args"], pm)
+    model = build_model(payload["builder"], payload["builder_args"], pm,
+                        Path(search_path) if search_path else None, trust_code=trust_code)
     example = torch.zeros(payload["example_shape"])
     graph = SpikingGraph(model, example, pm=pm)
     groups = graph.groups()
@@ -84,5 +126,5 @@ def load_pruned(path: str | Path, pm: pluggy.PluginManager | None = None) -> nn.
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the rebuilt model: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: weights do not fit the rebuilt model: {first_line(error)}") from None
     return model.eval()

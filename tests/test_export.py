@@ -6,7 +6,11 @@ import pytest
 import torch
 from spikingjelly.activation_based import functional, neuron
 
-from primesvt_plugin.export import (ExportError, exportable, quantize_int8, run_openvino, to_onnx, to_openvino,
+from pathlib import Path
+
+from primesvt_plugin.errors import CheckpointError
+from primesvt_plugin.export import (ExportError, Verification, compile_openvino, compiled_precision, exportable,
+                                    predict_compiled, quantize_int8, run_openvino, to_onnx, to_openvino,
                                     to_openvino_model)
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
 from primesvt_plugin.quantized import OpenVINOArtifact, load_quantized
@@ -72,14 +76,69 @@ class SilentLIF:
         return (lambda x_seq: (x_seq > 1e6).to(x_seq.dtype)) if isinstance(layer, neuron.LIFNode) else None
 
 
+def many_images(n: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("export", [to_onnx, to_openvino], ids=["onnx", "openvino"])
 def test_export_disagreeing_with_the_model_is_refused(export, tmp_path):
     pm = new_plugin_manager()
     pm.register(SilentLIF(), name="silent")
+    model, x = firing("spikformer"), many_images()
+    verification = Verification.of(model, x.numpy())
+    assert (verification.reference.mean(0).argmax(-1) != 0).any()  # a silent model (argmax 0) must disagree
     path = tmp_path / ("m.onnx" if export is to_onnx else "m.xml")
-    with pytest.raises(ExportError, match="disagrees with the PyTorch model"):
-        export(firing("spikformer"), torch.rand(1, 3, 32, 32), path, pm)
+    with pytest.raises(ExportError, match=r"agrees with the PyTorch model on \d+\.\d+% of 32 samples at f32"):
+        export(model, x[:1], path, pm, verification=verification)
     assert list(tmp_path.iterdir()) == []
+
+
+def bf16_or_skip(ov_model):
+    """The model compiled with the bf16 hint, or skip where this CPU cannot run bf16 (read back, not assumed)."""
+    compiled = compile_openvino(ov_model, "bf16")
+    if compiled_precision(compiled) != "bf16":
+        pytest.skip(f"this CPU runs bf16 requests at {compiled_precision(compiled)} (no AVX512/AMX BF16)")
+    return compiled
+
+
+def test_precision_is_forced_not_left_to_the_cpu_default():
+    model, x = firing("spikformer"), many_images()
+    ov_model = to_openvino_model(model, x[:1])
+    f32 = compile_openvino(ov_model, "f32")
+    assert compiled_precision(f32) == "f32"
+    reference = Verification.of(model, x.numpy()).reference
+    np.testing.assert_allclose(predict_compiled(f32, x.numpy()), reference, atol=1e-4)
+    bf16 = bf16_or_skip(ov_model)
+    # bf16 really computes differently: the hint is not ignored (the gap is what f32 pinning protects from)
+    assert np.abs(predict_compiled(bf16, x.numpy()) - reference).max() > 1e-3
+
+
+@pytest.mark.parametrize("export", [to_onnx, to_openvino], ids=["onnx", "openvino"])
+def test_export_at_bf16_is_written_or_refused_by_its_agreement(export, tmp_path):
+    model, x = firing("spikformer"), many_images()
+    compiled = bf16_or_skip(to_openvino_model(model, x[:1]))
+    agreement = float((predict_compiled(compiled, x.numpy()).mean(0).argmax(-1)
+                        == Verification.of(model, x.numpy()).reference.mean(0).argmax(-1)).mean())
+    path = tmp_path / ("m.onnx" if export is to_onnx else "m.xml")
+    for threshold in (0.995, 0.5):
+        verification = Verification.of(model, x.numpy(), precision="bf16", min_agreement=threshold)
+        if agreement < threshold:  # decisions compared, never raw floats: refused with one line, nothing written
+            with pytest.raises(ExportError, match=r"at bf16 \(needs") as refused:
+                export(model, x[:1], path, verification=verification)
+            assert "\n" not in str(refused.value) and list(tmp_path.iterdir()) == []
+        else:
+            files = export(model, x[:1], path, verification=verification)
+            assert all(Path(f).is_file() for f in files)
+            (result,) = verification.results.values()
+            assert result["precision"] == "bf16" and result["agreement"] >= threshold
+
+
+def test_every_openvino_compile_states_its_precision():
+    """One place compiles OpenVINO models, with INFERENCE_PRECISION_HINT: nothing runs at the CPU's default."""
+    package = Path(__file__).resolve().parents[1] / "primesvt_plugin"
+    calls = {str(f.relative_to(package)) for f in package.rglob("*.py") if "compile_model(" in f.read_text()}
+    assert calls == {"export.py"}
+    assert "INFERENCE_PRECISION_HINT" in (package / "export.py").read_text()
 
 
 def test_quantized_model_saves_and_loads_with_identical_outputs(tmp_path):
@@ -89,10 +148,28 @@ def test_quantized_model_saves_and_loads_with_identical_outputs(tmp_path):
     files = artifact.save(tmp_path / "model_int8")
     assert [f.name for f in files] == ["model_int8.xml", "model_int8.bin"]
     assert np.array_equal(load_quantized(files[0]).predict(x.numpy()), artifact.predict(x.numpy()))
+    assert artifact.compiled_precision == load_quantized(files[0]).compiled_precision == "f32"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "missing_bin"])
+def test_damaged_quantized_files_are_clear_errors(damage, tmp_path):
+    x = many_images(2)
+    files = OpenVINOArtifact(quantize_int8(firing("spikformer"), x[:1], [x[:1].numpy()], subset_size=1)).save(
+        tmp_path / "model_int8")
+    xml, bin_file = files
+    if damage == "truncated":
+        bin_file.write_bytes(bin_file.read_bytes()[:100])
+    elif damage == "random":
+        xml.write_bytes(np.random.default_rng(0).bytes(500))
+    else:
+        bin_file.unlink()
+    with pytest.raises(CheckpointError, match="model_int8"):
+        load_quantized(xml)
 
 
 @pytest.mark.parametrize("name", ["spikformer", "spike_driven_transformer", "qkformer", "maxformer"])
 def test_openvino_fp32_matches_and_int8_runs(name):
+    """At the pinned f32, whatever the CPU's default (bf16 on CPUs with native BF16)."""
     model = firing(name)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     functional.reset_net(model)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,25 +23,13 @@ from primesvt_plugin.data import DataError, npz_splits
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
 from primesvt_plugin.policy import prime
 from primesvt_plugin.recipe import RecipeError, load_recipe
+from primesvt_plugin.building import build_model
+from primesvt_plugin.errors import UntrustedCodeError
 from primesvt_plugin.serialization import CheckpointError, load_pruned, save_pruned
 
-from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, assert_heads_consistent, build, param_count, run
+from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, BreaksThirdNeuron, assert_heads_consistent, build, param_count, run
 
 SMALL_SPIKFORMER = SMALL_SVIT_ARGS["spikformer"]
-
-
-class BreaksThirdNeuron:
-    """A plugin whose neuron pruning fails part-way through a group."""
-
-    def __init__(self):
-        self.calls = 0
-
-    @hookimpl(tryfirst=True)
-    def primesvt_prune_spiking_layer(self, layer, idxs):
-        self.calls += 1
-        if self.calls == 3:
-            raise RuntimeError("simulated failure inside a structural change")
-        return None
 
 
 def test_failure_mid_pruning_restores_the_model(images):
@@ -132,6 +121,45 @@ def test_foreign_and_truncated_files_are_clear_errors(tmp_path, images):
         load_pruned(truncated)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_pruned(tmp_path / "missing.pt")
+
+
+def test_a_saved_model_never_runs_code_unless_trusted(tmp_path, monkeypatch, images):
+    monkeypatch.chdir(tmp_path)
+    model = spikformer.Spikformer(**SMALL_SPIKFORMER)
+    path = save_pruned(model, tmp_path / "evil.pt", "os:system", {"command": "touch pwned"}, tuple(images.shape), {})
+    with pytest.raises(UntrustedCodeError, match="trust_code=True"):
+        load_pruned(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_user_builder_loads_when_trusted(tmp_path, images):
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    args = {"num_classes": 10, "dim": 32, "heads": 4}
+    x = torch.rand(2, 1, 16, 16)
+    model = build_model("user_svit:build", args, search_path=recipes, trust_code=True)
+    plan = SpikingPruner(model, x, pruning_ratio=0.5).step()
+    path = save_pruned(model, tmp_path / "user.pt", "user_svit:build", args, tuple(x.shape), plan)
+    loaded = load_pruned(path, trust_code=True, search_path=recipes)
+    assert torch.equal(run(loaded, x), run(model, x))
+
+
+@pytest.mark.parametrize("damage", ["empty", "no_plan", "plan_of_strings", "not_a_dict"])
+def test_damaged_pruned_model_files_are_clear_errors(damage, tmp_path, images):
+    path = save_pruned(spikformer.Spikformer(**SMALL_SPIKFORMER), tmp_path / "m.pt", "spikformer",
+                       SMALL_SPIKFORMER, tuple(images.shape), {})
+    payload = torch.load(path, weights_only=True)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "no_plan":
+        del payload["plan"]
+        torch.save(payload, path)
+    elif damage == "plan_of_strings":
+        payload["plan"] = {"blocks.0": ["a"]}
+        torch.save(payload, path)
+    else:
+        torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="m.pt"):
+        load_pruned(path)
 
 
 def test_prime_is_deterministic_and_leaves_the_input_alone(images):

@@ -1,22 +1,24 @@
-"""Exporters (recipe ``export.formats``): TorchScript, ONNX, OpenVINO IR."""
+"""Exporters (recipe ``export.formats``): TorchScript, ONNX, OpenVINO IR, each verified before it is written."""
 from __future__ import annotations
 
 import torch
 
-from ..export import ExportError, check_agreement, exportable, reference_output, to_onnx, to_openvino
+from ..export import ExportError, Verification, exportable, predict_batches, to_onnx, to_openvino
 from ..plugins import hookimpl
 
 
-def to_torchscript(model, example_input, path):
+def to_torchscript(model, example_input, path, verification: Verification | None = None):
     """A traced TorchScript module (``torch.jit.load`` runs it without primesvt or SpikingJelly)."""
     target = path.with_suffix(".torchscript.pt")
-    expected = reference_output(model, example_input)
+    verification = verification or Verification.of(model, example_input.numpy())
     with exportable(model) as traceable, torch.no_grad():
         try:
             traced = torch.jit.trace(traceable, example_input)
         except Exception as error:
             raise ExportError(f"TorchScript export failed: {error}") from error
-        check_agreement("TorchScript export", traced(example_input).numpy(), expected)
+        outputs = predict_batches(lambda batch: traced(torch.from_numpy(batch)).numpy(), verification.images,
+                                  len(example_input))
+    verification.check("TorchScript export", outputs, "f32")  # PyTorch on the CPU: float32 throughout
     torch.jit.save(traced, str(target))
     return [target]
 
@@ -26,6 +28,8 @@ def primesvt_exporters():
     return {
         "torchscript": to_torchscript,
         "torch": to_torchscript,  # the PyTorch artifact a deployment loads: TorchScript
-        "onnx": lambda model, example_input, path: to_onnx(model, example_input, path.with_suffix(".onnx")),
-        "openvino": lambda model, example_input, path: to_openvino(model, example_input, path.with_suffix(".xml")),
+        "onnx": lambda model, example_input, path, verification=None: to_onnx(
+            model, example_input, path.with_suffix(".onnx"), verification=verification),
+        "openvino": lambda model, example_input, path, verification=None: to_openvino(
+            model, example_input, path.with_suffix(".xml"), verification=verification),
     }

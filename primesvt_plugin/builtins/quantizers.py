@@ -6,9 +6,9 @@ from ..plugins import hookimpl
 from ..quantized import OpenVINOArtifact
 
 
-def nncf_int8(model, example_input, calibration, subset_size: int = 300):
-    """NNCF INT8 (weights and activations) on the OpenVINO IR of ``model``."""
-    return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size))
+def nncf_int8(model, example_input, calibration, subset_size: int = 300, inference_precision: str = "f32"):
+    """NNCF INT8 (weights and activations) on the OpenVINO IR of ``model``; float ops run at ``inference_precision``."""
+    return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size), inference_precision)
 
 
 @hookimpl
