@@ -1,6 +1,6 @@
 """PrimeSVT vs uniform L2, global L2 and random pruning at equal parameter-memory saving, on digits.
 
-    python benchmarks/digits.py [--quick]
+    python benchmarks/digits.py [--quick] [--seeds 0 1 2]
 
 Trains the default recipe's Spikformer on scikit-learn's digits, then for each
 wanted saving (26.68%, the paper's point, and a 10-60% sweep) runs PrimeSVT on the
@@ -9,15 +9,20 @@ parameter saving PrimeSVT reached: Torch-Pruning's MetaPruner with our kwargs
 (ratio bisected), and uniform L2 / global L2 / random plans over all our groups,
 attention q/k/v included (knob bisected on the memory ledger's prediction).
 Reports test accuracy without and with a short fine-tune, the measured memory,
-and CPU latency (batch 1). Writes
-benchmarks/results/digits.json and docs/benchmarks_digits.png and prints a
-markdown table for docs/benchmarks.md.
+and CPU latency (batch 1). Every seed trains its own model (and data split),
+so rows are aggregated over seeds: mean, standard deviation and the worst seed.
+Writes benchmarks/results/digits.json (every row, plus the machine: CPU flags
+that change numerics, library versions) and docs/benchmarks_digits.png, and prints
+a markdown table for docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import platform
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -102,40 +107,52 @@ def baseline_plan(method: str, model, x, target: float, seed: int = 0):
     return model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="only the 26.68% point")
-    args = parser.parse_args()
+def machine() -> dict:
+    """What makes numbers differ between machines: CPU, its numeric extensions, library versions."""
+    from importlib.metadata import version
+
+    flags = set()
+    with contextlib.suppress(OSError):
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":")[1].split())
+    numeric = sorted(flags & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
+    return {"cpu": platform.processor() or platform.machine(), "cpu_flags": numeric,
+            "versions": {name: version(name) for name in ("torch", "torch-pruning", "spikingjelly", "nncf",
+                                                           "openvino", "primesvt-plugin")}}
+
+
+def run_seed(seed: int, targets) -> list[dict]:
+    """Every method at every target, on a model trained (and a split drawn) with ``seed``."""
     recipe = load_recipe(ROOT / "recipes" / "spikformer_digits.yaml")
-    torch.manual_seed(recipe.seed)
-    data = digits_splits(image_size=16, seed=recipe.seed)
+    torch.manual_seed(seed)
+    data = digits_splits(image_size=16, seed=seed)
     base = build_model(recipe.model.name, recipe.model.args)
-    train(base, data.loader("train", 64, shuffle=True, seed=recipe.seed), recipe.train.epochs, recipe.train.lr,
-          seed=recipe.seed)
+    train(base, data.loader("train", 64, shuffle=True, seed=seed), recipe.train.epochs, recipe.train.lr,
+          seed=seed, progress=False)
     base.eval()
     val = data.loader("val", 256, limit=recipe.data.val_subset)
     test = data.loader("test", 512)
     x = torch.from_numpy(data.x_val[:1])
     base_memory = footprint(base, x).param_bytes
     base_acc = accuracy(base, test)
-    rows = [{"method": "unpruned", "target": 0.0, "saving": 0.0, "test": base_acc, "test_finetuned": base_acc,
-             "latency_ms": model_latency_ms(base, x)}]
+    rows = [{"seed": seed, "method": "unpruned", "target": 0.0, "saving": 0.0, "test": base_acc,
+             "test_finetuned": base_acc, "latency_ms": model_latency_ms(base, x)}]
 
     def finetune(model):
-        train(model, data.loader("train", 64, shuffle=True, seed=1), 2, 1e-3, seed=1, progress=False)
+        train(model, data.loader("train", 64, shuffle=True, seed=seed + 1), 2, 1e-3, seed=seed + 1, progress=False)
 
     def record(method, model, target, extra=None):
         saving = 1 - footprint(model, x).param_bytes / base_memory
-        row = {"method": method, "target": target, "saving": saving, "test": accuracy(model, test),
+        row = {"seed": seed, "method": method, "target": target, "saving": saving, "test": accuracy(model, test),
                "latency_ms": model_latency_ms(model, x), **(extra or {})}
         tuned = copy.deepcopy(model)
         finetune(tuned)
         row["test_finetuned"] = accuracy(tuned, test)
         rows.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
         return saving
 
-    for target in TARGETS[:1] if args.quick else TARGETS:
+    for target in targets:
         for budget in DROP_BUDGETS:  # the smallest accuracy budget that reaches the target
             result = prime(base, x, lambda m: accuracy(m, val), target, budget, progress=False)
             if result.report["constraints_met"]:
@@ -147,23 +164,55 @@ def main() -> None:
                           "footprint_saving": result.report["pruned"]["footprint_saving"]})
         record("uniform L2 (MetaPruner)", metapruner_uniform(base, x, reached), target)
         for method in ("uniform L2 (all groups)", "global L2", "random"):
-            record(method, baseline_plan(method, copy.deepcopy(base), x, reached), target)
+            record(method, baseline_plan(method, copy.deepcopy(base), x, reached, seed), target)
+    return rows
 
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (target, method): mean, standard deviation and worst seed of each number."""
+    keys = sorted({(r["target"], r["method"]) for r in rows}, key=lambda k: (k[0] != 0.0, k[0], METHODS.index(k[1])))
+    summary = []
+    for target, method in keys:
+        group = [r for r in rows if (r["target"], r["method"]) == (target, method)]
+        row = {"target": target, "method": method, "seeds": len(group)}
+        for key in ("saving", "test", "test_finetuned", "latency_ms"):
+            values = [r[key] for r in group]
+            row[key] = statistics.mean(values)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[f"{key}_worst"] = max(values) if key == "latency_ms" else min(values)
+        summary.append(row)
+    return summary
+
+
+METHODS = ["unpruned", "PrimeSVT", "uniform L2 (MetaPruner)", "uniform L2 (all groups)", "global L2", "random"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the 26.68%% point (the paper's saving)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training / split seeds (default 0 1 2)")
+    args = parser.parse_args()
+    targets = TARGETS[:1] if args.quick else TARGETS
+    rows = [row for seed in args.seeds for row in run_seed(seed, targets)]
+    summary = summarize(rows)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "digits.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, ROOT / "docs" / "benchmarks_digits.png")
-    print_table(rows)
+    (out / "digits.json").write_text(json.dumps({"machine": machine(), "seeds": args.seeds, "summary": summary,
+                                                 "rows": rows}, indent=2))
+    plot(summary, ROOT / "docs" / "benchmarks_digits.png")
+    print(json.dumps(machine()))
+    print_table(summary)
 
 
-def plot(rows, path: Path) -> None:
+def plot(summary, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key, title in zip(axes, ("test", "test_finetuned"), ("one-shot", "after 2 fine-tune epochs")):
-        for method in ("PrimeSVT", "uniform L2 (MetaPruner)", "uniform L2 (all groups)", "global L2", "random"):
-            points = sorted((r["saving"], r[key]) for r in rows if r["method"] == method)
+        for method in METHODS[1:]:
+            points = sorted((r["saving"], r[key], r[f"{key}_std"]) for r in summary if r["method"] == method)
             if points:
-                ax.plot([100 * s for s, _ in points], [100 * a for _, a in points], marker="o", label=method)
-        ax.axhline(100 * rows[0]["test"], color="k", linestyle=":", label="unpruned")
+                ax.errorbar([100 * s for s, _, _ in points], [100 * a for _, a, _ in points],
+                            yerr=[100 * e for _, _, e in points], marker="o", capsize=3, label=method)
+        ax.axhline(100 * summary[0]["test"], color="k", linestyle=":", label="unpruned (mean)")
         ax.axvline(26.68, color="grey", linestyle="--", linewidth=0.8)
         ax.set(xlabel="parameter-memory saving (%)", title=title)
     axes[0].set_ylabel("test accuracy (%)")
@@ -172,12 +221,15 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def print_table(rows) -> None:
-    print("| target | method | parameter saving | test acc | after fine-tune | CPU latency (ms) |")
+def print_table(summary) -> None:
+    def cell(r, key):  # mean ± std (worst seed), in percent
+        return f"{100 * r[key]:.2f} ± {100 * r[key + '_std']:.2f} ({100 * r[key + '_worst']:.2f})"
+
+    print("| target | method | parameter saving % | test acc % one-shot | after fine-tune % | CPU latency ms |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {100 * r['target']:.2f}% | {r['method']} | {100 * r['saving']:.2f}% | {100 * r['test']:.2f}% "
-              f"| {100 * r['test_finetuned']:.2f}% | {r['latency_ms']:.2f} |")
+    for r in summary:
+        print(f"| {100 * r['target']:.2f}% | {r['method']} | {100 * r['saving']:.2f} ± {100 * r['saving_std']:.2f} "
+              f"| {cell(r, 'test')} | {cell(r, 'test_finetuned')} | {r['latency_ms']:.2f} |")
 
 
 if __name__ == "__main__":

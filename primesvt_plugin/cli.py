@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except PrimeSVTError as error:
         if args.debug:
             raise
-        kept = "" if error.exit_code == EXIT_BAD_INPUT else "; nothing was written, a previous output is unchanged"
+        kept = "" if error.exit_code == EXIT_BAD_INPUT else "; the output folder was left as it was"
         _error(f"{error}{kept}")
         return error.exit_code
     except Exception as error:

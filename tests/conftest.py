@@ -1,8 +1,16 @@
 """Shared fixtures: real SpikingJelly SViTs, small enough for CPU tests."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Fuzz tests: the same 150 examples on every CI run (derandomized); HYPOTHESIS_PROFILE=dev explores more.
+settings.register_profile("ci", max_examples=150, derandomize=True)
+settings.register_profile("dev", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from primesvt_plugin.attention import AttentionLayout
 from primesvt_plugin.building import build_model

@@ -27,6 +27,8 @@ NEURONS = {
 
 @pytest.mark.parametrize("name", list(NEURONS))
 def test_export_forward_equals_spikingjelly_neuron(name):
+    """Exact: SpikingJelly 2.0 picks its neuron kernel by the tensor's device, and both run on CPU tensors
+    in float32 with the same operations; CUDA/Triton kernels would only be chosen for CUDA tensors."""
     layer = NEURONS[name]()
     x_seq = torch.randn(6, 3, 8, 5, generator=torch.Generator().manual_seed(0)) * 2
     with torch.no_grad():
@@ -50,11 +52,20 @@ def test_example_plugin_export_forward_equals_its_neuron():
 
 
 def test_model_without_exportable_neuron_is_refused_by_name():
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), neuron.QIFNode(step_mode="m"))
-    with pytest.raises(ExportError, match=r"layer '1' \(QIFNode\)"):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), neuron.LIFNode(step_mode="m"), torch.nn.Conv2d(4, 4, 1),
+                                neuron.QIFNode(step_mode="m"))
+    with pytest.raises(ExportError, match=r"layer '3' \(QIFNode\) has no exportable forward"):
         with exportable(model):
             pass
-    assert "forward" not in model[1].__dict__
+
+
+def test_export_forwards_are_removed_even_when_the_export_fails():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), neuron.LIFNode(step_mode="m"))
+    with pytest.raises(RuntimeError, match="converter failed"):
+        with exportable(model):
+            assert "forward" in model[1].__dict__  # the plain-PyTorch forward is in place while exporting
+            raise RuntimeError("converter failed")
+    assert "forward" not in model[1].__dict__ and model.training
 
 
 def firing(name: str) -> torch.nn.Module:
@@ -170,14 +181,16 @@ def test_damaged_quantized_files_are_clear_errors(damage, tmp_path):
 @pytest.mark.parametrize("name", ["spikformer", "spike_driven_transformer", "qkformer", "maxformer"])
 def test_openvino_fp32_matches_and_int8_runs(name):
     """At the pinned f32, whatever the CPU's default (bf16 on CPUs with native BF16)."""
-    model = firing(name)
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    functional.reset_net(model)
-    with torch.no_grad():
-        expected = model(x).numpy()
-    functional.reset_net(model)
-    assert np.abs(expected).sum() > 0
-    ov_model = to_openvino_model(model, x[:1])
-    np.testing.assert_allclose(run_openvino(ov_model, x.numpy()), expected, atol=1e-4)
-    int8 = quantize_int8(model, x[:1], [x[i:i + 1].numpy() for i in range(2)], subset_size=2)
-    assert run_openvino(int8, x.numpy()).shape == expected.shape
+    model, x = firing(name), many_images(16)
+    verification = Verification.of(model, x.numpy(), min_agreement=0.0)
+    assert np.abs(verification.reference).sum() > 0
+    fp32 = verification.check("fp32", run_openvino(to_openvino_model(model, x[:1]), x.numpy()), "f32")
+    # oneDNN and ATen kernels may round differently, and a membrane at the threshold then flips a spike:
+    # allow one flipped decision in 16, and judge the logits by their median gap, which a flip does not move.
+    assert fp32["agreement"] >= 15 / 16
+    got = run_openvino(to_openvino_model(model, x[:1]), x.numpy())
+    assert np.median(np.abs(got - verification.reference)) < 1e-4
+    int8 = quantize_int8(model, x[:1], [x[i:i + 1].numpy() for i in range(16)], subset_size=16)
+    # INT8 rounds activations and weights, so more spikes flip (measured 94-100% agreement on these models);
+    # a quantization that broke the model would keep few of the PyTorch model's decisions.
+    assert verification.check("int8", run_openvino(int8, x.numpy()), "f32")["agreement"] >= 0.75

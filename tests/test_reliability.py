@@ -17,7 +17,7 @@ from spikingjelly.activation_based.model import spikformer
 
 from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
 
-from primesvt_plugin import PruningFailed, SpikingGraph, SpikingPruner, spiking_pruner_kwargs, verified_step
+from primesvt_plugin import PruningFailed, SpikingGraph, SpikingPruner, footprint, spiking_pruner_kwargs, verified_step
 from primesvt_plugin.builtins.attention import _spike_driven_self_attention, _spiking_self_attention
 from primesvt_plugin.data import DataError, npz_splits
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
@@ -206,15 +206,20 @@ def test_everything_ignored_prunes_nothing(images):
 @pytest.mark.parametrize("saving, drop", [(0.0, 1.0), (0.001, 1.0), (0.99, 1.0), (0.5, 0.0)])
 def test_constraint_limits(saving, drop, images):
     model = build("spikformer")
-    result = prime(model, images, lambda m: 0.5, saving, drop, progress=False)
+    result = prime(model, images, lambda m: 0.5, saving, drop, progress=False)  # pruning never costs accuracy
     report = result.report
-    assert report["pruned"]["memory"]["total_bytes"] <= report["baseline"]["memory"]["total_bytes"]
+    before, after = footprint(model, images).param_bytes, footprint(result.model, images).param_bytes
+    assert report["pruned"]["memory_saving"] == pytest.approx(1 - after / before, abs=1e-12)
     if saving == 0.0:
-        assert report["constraints_met"] and report["plan"] == {}
-    if 0 < saving < 0.01:
-        assert report["constraints_met"] and report["plan"]
-    if saving > 0.99:
+        assert report["constraints_met"] and report["plan"] == {} and after == before
+        assert report["evaluations"] == 1  # the baseline only: nothing to search for
+    elif saving < 0.01:
+        assert report["constraints_met"] and report["plan"] and after < before
+    elif saving >= 0.99:
         assert not report["constraints_met"] and report["reason"].startswith("best feasible")
+        assert report["pruned"]["memory_saving"] > 0.5  # every group taken at its highest rate
+    else:  # a zero drop budget is no obstacle when accuracy never moves: the target is reached
+        assert report["constraints_met"] and report["pruned"]["memory_saving"] >= 0.5
     run(result.model, images)
 
 
@@ -257,7 +262,7 @@ recipe_sections = st.dictionaries(
     max_size=6)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # examples: conftest profile
 @given(recipe_sections)
 def test_fuzzed_recipes_load_or_fail_cleanly(tmp_path, data):
     path = tmp_path / "fuzz.yaml"
@@ -304,7 +309,12 @@ def test_no_global_patching_plain_torch_pruning_unchanged(images):
     SpikingPruner(model, images, pruning_ratio=0.3).step()  # use everything we have in this process
     printed = []
     exec(PLAIN_TP_SCRIPT, {"print": lambda *values: printed.extend(str(v) for v in values)})
-    assert fresh.stdout.split() == printed and len(printed) == 4  # CNN and ViT: params, output sum
+    # CNN and ViT: parameter counts exactly; output sums to float32 precision (another process may pick
+    # other reduction orders, and no spiking layer here turns that into a flip)
+    counts, sums = [int(v) for v in printed[::2]], [float(v) for v in printed[1::2]]
+    fresh_values = fresh.stdout.split()
+    assert len(printed) == 4 and counts == [int(v) for v in fresh_values[::2]]
+    assert sums == pytest.approx([float(v) for v in fresh_values[1::2]], rel=1e-5)
     assert {k: type(v) for k, v in tp.DependencyGraph().REGISTERED_PRUNERS.items()} == registered
     assert tp.DependencyGraph().CUSTOMIZED_PRUNERS == {}
     assert not any("forward" in m.__dict__ for m in model.modules())
