@@ -16,7 +16,7 @@ import pytest
 from primesvt_plugin.cli import main
 from primesvt_plugin.errors import ExportError, OutputError
 from primesvt_plugin.output import RUN_FORMAT, locked
-from primesvt_plugin.plugins import hookimpl, new_plugin_manager
+from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
 from primesvt_plugin.recipe import find_recipe, load_recipe
 from primesvt_plugin.runner import run_recipe
 
@@ -182,4 +182,18 @@ def test_interrupted_run_cleans_up_and_says_one_line(signum, code, workdir):
     assert process.returncode == code, err
     lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1 and "nothing was written" in lines[0], err
+    assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
+
+
+def test_a_failed_run_is_one_line_and_exit_1_and_debug_shows_the_traceback(workdir, capsys):
+    pm = get_plugin_manager()  # the CLI's own manager: the failing exporter is an installed plugin for a moment
+    pm.register(FailingExporter(), name="failing-for-test")
+    try:
+        assert run_quick("out", "--set", "export.formats=[failing]") == 1
+        line = one_error_line(capsys)
+        assert "simulated exporter failure" in line and "left as it was" in line
+        with pytest.raises(ExportError, match="simulated"):
+            run_quick("out", "--set", "export.formats=[failing]", "--debug")
+    finally:
+        pm.unregister(name="failing-for-test")
     assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
