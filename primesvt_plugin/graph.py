@@ -259,6 +259,8 @@ class SpikingGraph:
             functional.reset_net(self.model)
 
         importance_group = _importance_group(layout.channel_ops(INNER, range(layout.inner)), layout.inner)
+        # Its neurons cannot be tp items (no tp pruner): MemoryAwareImportance reads their bytes from here.
+        importance_group.primesvt_channel_ops = channel_ops
         return PruningGroup(f"{name}:qkv", layout.inner, layout.num_heads, importance_group,
                             channel_ops, prune, kind="attention-inner")
 

@@ -16,8 +16,13 @@ doubling the bytes counts the same. ``memory_weight=0`` is plain group L2.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+import torch.nn as nn
 import torch_pruning as tp
+from spikingjelly.activation_based import functional
 
 from .channels import bytes_per_channel
 
@@ -35,6 +40,48 @@ def ops_bytes(ops, neuron_state: dict) -> int:
     return total
 
 
+def needs_gradients(importance) -> bool:
+    """Whether ``importance`` reads the parameters' ``.grad``: an importance saying so with a
+    ``needs_gradients`` attribute, or Torch-Pruning's Taylor importances (``GroupTaylorImportance``
+    and its alias ``TaylorImportance``)."""
+    flag = getattr(importance, "needs_gradients", None)
+    if flag is not None:
+        return bool(flag)
+    return isinstance(importance, tp.importance.GroupTaylorImportance)
+
+
+def gradient_loss(output: torch.Tensor) -> torch.Tensor:
+    """The label-free loss whose gradients Taylor importances read: ``mean(output ** 2)``.
+
+    No labels are known where the gradients are needed (one example batch), and it is
+    defined for any output: a channel matters as much as it moves the model's output.
+    """
+    return output.float().pow(2).mean()
+
+
+@contextlib.contextmanager
+def example_gradients(model: nn.Module, example_inputs: torch.Tensor) -> Iterator[None]:
+    """Inside: every floating parameter's ``.grad`` is ``d gradient_loss / d parameter`` on
+    ``example_inputs`` (one fresh forward in the model's current mode, frozen parameters
+    included). On exit each ``.grad`` and ``requires_grad`` is put back as it was."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    saved = [(p, p.grad, p.requires_grad) for p in params]
+    try:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(True)
+        functional.reset_net(model)
+        with torch.enable_grad():
+            gradient_loss(model(example_inputs)).backward()
+        functional.reset_net(model)
+        yield
+    finally:
+        for p, grad, requires_grad in saved:
+            p.grad = grad
+            p.requires_grad_(requires_grad)
+        functional.reset_net(model)
+
+
 class MemoryAwareImportance(tp.importance.GroupMagnitudeImportance):
     """Group L2 magnitude divided by the memory each channel frees (see module docs)."""
 
@@ -50,7 +97,11 @@ class MemoryAwareImportance(tp.importance.GroupMagnitudeImportance):
         layouts = self.graph.layouts if self.graph else {}
         spiking = self.graph.spiking_types if self.graph else ()
         state = self.graph.state_bytes if self.graph else {}
-        ops = ops_of_tp_group(group, set(range(size)), layouts, spiking)
+        channel_ops = getattr(group, "primesvt_channel_ops", None)  # an attention inner group (graph.py)
+        if channel_ops is not None:
+            ops = channel_ops(range(size))
+        else:
+            ops = ops_of_tp_group(group, set(range(size)), layouts, spiking)
         return ops_bytes(ops, state) / size
 
     @torch.no_grad()
