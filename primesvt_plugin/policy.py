@@ -15,6 +15,7 @@ Trials use channel masks (``masking.py``): no deep copies, no re-tracing.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .graph import PruningGroup, SpikingGraph
 from .errors import ArgumentError, EvaluationError
-from .importance import ops_bytes
+from .importance import example_gradients, needs_gradients, ops_bytes
 from .inference import fresh_forward, inference
 from .masking import Masks
 from .memory import MEASURES, Footprint, LedgerState, footprint
@@ -140,6 +141,9 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     ``chance_accuracy`` is the score of guessing (e.g. the majority-class fraction):
     a baseline at or below it (+0.01) puts a warning in ``report["warnings"]`` and
     fails the constraints, since an untrained model's accuracy cannot guide pruning.
+    An ``importance`` that reads gradients (Taylor) gets them from one forward and
+    backward pass on ``example_inputs`` in eval mode, loss ``mean(output ** 2)``
+    (``importance.example_gradients``); the parameters' ``.grad`` is put back afterwards.
     """
     _check_number("memory_saving", memory_saving, 0.0)
     if memory_saving >= 1.0:
@@ -158,13 +162,16 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     clock = time.perf_counter()
     was_training = model.training
     if not inplace:
-        model = copy.deepcopy(model)
+        copies: dict[int, object] = {}
+        model = copy.deepcopy(model, copies)
+        ignored_layers = [copies.get(id(layer), layer) for layer in ignored_layers]  # the copy's own layers
     model.eval()
     _check_example_inputs(model, example_inputs)
     graph = SpikingGraph(model, example_inputs, ignored_layers, pm=pm)
     groups = graph.groups()
     importance = importance or tp.importance.GroupMagnitudeImportance(p=2)
-    scores = {g.name: importance(g.importance_group) for g in groups}
+    with example_gradients(model, example_inputs) if needs_gradients(importance) else contextlib.nullcontext():
+        scores = {g.name: importance(g.importance_group) for g in groups}
     groups = [g for g in groups if scores[g.name] is not None]
     before = footprint(model, example_inputs)
     records = {g.name: _record(g, graph) for g in groups}
@@ -222,7 +229,9 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
         "constraints": {"memory_saving": memory_saving, "memory": memory, "max_accuracy_drop": max_accuracy_drop,
                         "min_accuracy": min_accuracy, "accuracy_floor": floor},
         "constraints_met": met,
-        "reason": warnings[0] if warnings else _reason(met, saving, memory_saving, final_accuracy, floor, len(groups)),
+        "reason": warnings[0] if warnings else _reason(met, saving, memory_saving, final_accuracy, floor, len(groups),
+                                                       at_highest_rate=all(records[g.name].chosen_rate == rates[-1]
+                                                                           for g in groups)),
         "warnings": warnings,
         "baseline": {"accuracy": baseline, "memory": before.as_dict()},
         "pruned": {"accuracy": pruned_accuracy, "memory": after.as_dict(), "memory_saving": saving,
@@ -293,12 +302,15 @@ def _compress(groups, records, plan_for, masks, evaluate_model, floor, ledger: L
     return plan, predicted
 
 
-def _reason(met, saving, wanted, accuracy, floor, n_groups) -> str:
+def _reason(met, saving, wanted, accuracy, floor, n_groups, at_highest_rate: bool = False) -> str:
     if n_groups == 0:
         return ("nothing to prune: the model has no prunable groups (every conv/linear is ignored, "
                 "an output layer, or too narrow to keep whole heads)")
     if met:
         return f"memory saving {saving:.2%} >= {wanted:.2%} with accuracy {accuracy:.4f} >= {floor:.4f}"
+    if saving < wanted and at_highest_rate:  # the accuracy budget was never the limit
+        return (f"best feasible: {saving:.2%} memory saving; every group is already at the highest rate tried, "
+                f"so {wanted:.2%} needs higher rates (rates=...) or more prunable layers")
     if saving < wanted:
         return (f"best feasible: {saving:.2%} memory saving; {wanted:.2%} would need more than the accuracy "
                 f"budget allows: every further rate tried fell below the floor {floor:.4f}")
