@@ -156,7 +156,9 @@ class Verification:
         return result
 
 
-def _verification(model: nn.Module, example_input: torch.Tensor, verification: Verification | None) -> Verification:
+def verification_or_example(model: nn.Module, example_input: torch.Tensor,
+                            verification: Verification | None) -> Verification:
+    """``verification``, or (called without one) a verification on the example input alone."""
     return verification or Verification.of(model, example_input.numpy())
 
 
@@ -165,7 +167,7 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None,
     """Write ``path`` (.onnx), verified on OpenVINO's ONNX reader; the batch size is the example's."""
     import openvino as ov
 
-    verification = _verification(model, example_input, verification)
+    verification = verification_or_example(model, example_input, verification)
     with exportable(model, pm) as traceable, torch.no_grad():
         try:
             torch.onnx.export(traceable, (example_input,), str(path), dynamo=False, opset_version=17,
@@ -206,7 +208,7 @@ def save_openvino(ov_model, path: Path) -> list[Path]:
 def to_openvino(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None,
                 verification: Verification | None = None) -> list[Path]:
     """Write ``path`` (.xml + .bin), verified at the verification's precision."""
-    verification = _verification(model, example_input, verification)
+    verification = verification_or_example(model, example_input, verification)
     ov_model = to_openvino_model(model, example_input, pm)
     compiled = compile_openvino(ov_model, verification.precision)
     verification.check("OpenVINO export", predict_compiled(compiled, verification.images),

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from ..export import ExportError, Verification, exportable, predict_batches, to_onnx, to_openvino
+from ..export import (ExportError, Verification, exportable, predict_batches, to_onnx, to_openvino,
+                      verification_or_example)
 from ..plugins import hookimpl
 
 
 def to_torchscript(model, example_input, path, verification: Verification | None = None):
     """A traced TorchScript module (``torch.jit.load`` runs it without primesvt or SpikingJelly)."""
     target = path.with_suffix(".torchscript.pt")
-    verification = verification or Verification.of(model, example_input.numpy())
+    verification = verification_or_example(model, example_input, verification)
     with exportable(model) as traceable, torch.no_grad():
         try:
             traced = torch.jit.trace(traceable, example_input)
