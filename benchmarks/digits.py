@@ -12,8 +12,9 @@ Reports test accuracy without and with a short fine-tune, the measured memory,
 and CPU latency (batch 1). Every seed trains its own model (and data split),
 so rows are aggregated over seeds: mean, standard deviation and the worst seed.
 Writes benchmarks/results/digits.json (every row, plus the machine: CPU flags
-that change numerics, library versions) and docs/benchmarks_digits.png, and prints
-a markdown table for docs/benchmarks.md.
+that change numerics, library versions) and docs/benchmarks_digits.png (with
+--quick: digits_quick.json, benchmarks_digits_quick.png), and prints a markdown
+table for docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -197,9 +198,10 @@ def main() -> None:
     summary = summarize(rows)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "digits.json").write_text(json.dumps({"machine": machine(), "seeds": args.seeds, "summary": summary,
-                                                 "rows": rows}, indent=2))
-    plot(summary, ROOT / "docs" / "benchmarks_digits.png")
+    suffix = "_quick" if args.quick else ""  # a quick run never overwrites the full sweep's files
+    (out / f"digits{suffix}.json").write_text(json.dumps({"machine": machine(), "seeds": args.seeds,
+                                                          "summary": summary, "rows": rows}, indent=2))
+    plot(summary, ROOT / "docs" / f"benchmarks_digits{suffix}.png")
     print(json.dumps(machine()))
     print_table(summary)
 
