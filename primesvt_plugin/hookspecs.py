@@ -163,7 +163,11 @@ def primesvt_quantizers():
     one example batch and an iterable of calibration batches (numpy arrays), and
     returns an artifact with ``save(path) -> list[Path]``, ``predict(images) ->
     outputs``, ``latency_ms(image) -> float`` and ``weight_bytes(files) -> int``
-    (``primesvt_plugin.quantized.OpenVINOArtifact`` is one).
+    (``primesvt_plugin.quantized.OpenVINOArtifact`` is one). A ``quantize`` that
+    accepts an ``inference_precision`` keyword gets the recipe's
+    ``export.inference_precision`` (``"f32"``, ``"bf16"``, ``"f16"``): the precision its
+    floating-point operations must run at, never the CPU's default. An artifact with a
+    ``compiled_precision`` attribute has it recorded in the report.
 
     :returns: a ``dict`` from name to ``quantize``. Names are what recipes put
         in ``quantize.method``, ``args`` is the recipe's ``quantize.args``.
@@ -176,7 +180,12 @@ def primesvt_exporters():
 
     ``export(model, example_input, path)`` writes files named after ``path``
     (a ``pathlib.Path`` stem; the exporter picks the suffix) and returns the
-    list of files written.
+    list of files written. An ``export`` that accepts a ``verification`` keyword
+    gets a ``primesvt_plugin.export.Verification`` (test images, the PyTorch
+    model's outputs on them, ``min_agreement``, ``precision``): it runs its artifact
+    on ``verification.images`` and calls ``verification.check(what, outputs,
+    precision)``, which raises ``ExportError`` (nothing may be written) below the
+    agreement asked. Exporters without the keyword keep working, unverified.
 
     :returns: a ``dict`` from name to ``export``. Names are what recipes put in
         ``export.formats``.
