@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        first = first_line(error)
-        _error(f"unexpected {type(error).__name__}: {first}; nothing was written (rerun with --debug for the "
+        _error(f"unexpected {type(error).__name__}: {first_line(error)}; nothing was written (rerun with --debug for the "
                "traceback, and please report it)")
         return EXIT_FAILED
     finally:

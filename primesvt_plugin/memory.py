@@ -19,7 +19,7 @@ from spikingjelly.activation_based import base
 
 from .channels import ChannelOp, channel_slices
 from .inference import inference
-from .tracing import stepped_by_mode, time_steps
+from .tracing import has_time_axis
 
 
 @dataclass
@@ -47,7 +47,7 @@ MEASURES = ("parameters", "footprint")
 
 def one_sample(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The first sample of a batch (``[N, ...]``, or ``[T, N, ...]`` for multi-step models)."""
-    if (inputs.ndim == 5 and inputs.shape[0] in time_steps(model)) or (inputs.ndim >= 2 and stepped_by_mode(model)):
+    if has_time_axis(model, inputs):
         return inputs[:, :1]
     return inputs[:1]
 

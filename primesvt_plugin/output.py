@@ -76,7 +76,7 @@ def locked(out: Path) -> Iterator[None]:
     """Hold the lock on ``out`` (a ``.NAME.lock`` file beside it); refuse if another run holds it."""
     lock = out.parent / f".{out.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, umask_mode(False))
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # os.open applies the umask itself
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

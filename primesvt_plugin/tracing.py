@@ -87,14 +87,20 @@ def single_step_view(model: nn.Module, passthrough: Iterable[nn.Module]) -> Iter
         functional.reset_net(model)
 
 
+def has_time_axis(model: nn.Module, inputs) -> bool:
+    """Whether ``inputs`` is time-major (``[T, N, ...]``) for ``model``: a ``[T, N, C, H, W]`` batch
+    whose T is one the model declares, or any batch of a model stepped by mode."""
+    if not isinstance(inputs, torch.Tensor):
+        return False
+    return (inputs.ndim == 5 and inputs.shape[0] in time_steps(model)) or (inputs.ndim >= 2 and stepped_by_mode(model))
+
+
 def first_time_step(model: nn.Module, inputs):
     """What ``single_step_view(model)`` runs on: ``[T, N, ...]`` cut down to ``[1, N, ...]`` for a
     model with ``T`` time steps, to ``[N, ...]`` for one stepped by mode; other inputs unchanged."""
-    if isinstance(inputs, torch.Tensor) and inputs.ndim == 5 and inputs.shape[0] in time_steps(model):
-        return inputs[:1]
-    if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 and stepped_by_mode(model):
-        return inputs[0]
-    return inputs
+    if not has_time_axis(model, inputs):
+        return inputs
+    return inputs[0] if stepped_by_mode(model) else inputs[:1]
 
 
 def trace_forward_fn(passthrough: Iterable[nn.Module]):
