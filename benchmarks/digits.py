@@ -34,14 +34,14 @@ import torch  # noqa: E402
 import torch_pruning as tp  # noqa: E402
 
 from primesvt_plugin import SpikingGraph, footprint, spiking_pruner_kwargs  # noqa: E402
-from primesvt_plugin.building import build_model  # noqa: E402
-from primesvt_plugin.data import digits_splits  # noqa: E402
-from primesvt_plugin.latency import model_latency_ms  # noqa: E402
-from primesvt_plugin.memory import LedgerState  # noqa: E402
-from primesvt_plugin.policy import prime  # noqa: E402
-from primesvt_plugin.pruner import apply_plan  # noqa: E402
-from primesvt_plugin.recipe import load_recipe  # noqa: E402
-from primesvt_plugin.training import accuracy, train  # noqa: E402
+from primesvt_plugin.plugins import build_model  # noqa: E402
+from primesvt_plugin.pipeline.data import digits_splits  # noqa: E402
+from primesvt_plugin.deploy.latency import model_latency_ms  # noqa: E402
+from primesvt_plugin.pruning.memory import LedgerState  # noqa: E402
+from primesvt_plugin.pruning.policy import prime  # noqa: E402
+from primesvt_plugin.pruning.pruner import apply_plan  # noqa: E402
+from primesvt_plugin.pipeline.recipe import load_recipe  # noqa: E402
+from primesvt_plugin.pipeline.training import accuracy, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.2668, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -155,14 +155,14 @@ def run_seed(seed: int, targets) -> list[dict]:
 
     for target in targets:
         for budget in DROP_BUDGETS:  # the smallest accuracy budget that reaches the target
-            result = prime(base, x, lambda m: accuracy(m, val), target, budget, progress=False)
-            if result.report["constraints_met"]:
+            result = prime(base, x, lambda m: accuracy(m, val), memory_saving=target, max_accuracy_drop=budget, progress=False)
+            if result.report.constraints_met:
                 break
         reached = record("PrimeSVT", result.model, target,
-                         {"max_accuracy_drop": budget, "evaluations": result.report["evaluations"],
-                          "search_in_evaluation_passes": result.report["search_in_evaluation_passes"],
-                          "policy_seconds": sum(result.report["timings_s"].values()),
-                          "footprint_saving": result.report["pruned"]["footprint_saving"]})
+                         {"max_accuracy_drop": budget, "evaluations": result.report.evaluations,
+                          "search_in_evaluation_passes": result.report.search_in_evaluation_passes,
+                          "policy_seconds": sum(result.report.timings_s.values()),
+                          "footprint_saving": result.report.pruned.footprint_saving})
         record("uniform L2 (MetaPruner)", metapruner_uniform(base, x, reached), target)
         for method in ("uniform L2 (all groups)", "global L2", "random"):
             record(method, baseline_plan(method, copy.deepcopy(base), x, reached, seed), target)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules against the fast core tests (docs/testing.md).
 #
-#   benchmarks/mutation.sh                    # policy importance memory masking channels graph
+#   benchmarks/mutation.sh                    # policy importance memory masking channels graph accounting
 #   benchmarks/mutation.sh policy graph       # some modules only (a staged run)
 #   MUTMUT_CHILDREN=1 benchmarks/mutation.sh  # parallel test runs (default 2)
 #
 # mutmut (>= 3.8, `pip install -e ".[dev]"`) reads [tool.mutmut] in pyproject.toml: it
-# copies primesvt_plugin/ into mutants/ (git-ignored), mutates only the six core modules
+# copies primesvt_plugin/ into mutants/ (git-ignored), mutates only the core modules of primesvt_plugin/pruning/
 # there and runs tests/test_core.py against each mutant (only the tests that reach the
 # mutated function). The working tree is never changed; never run `mutmut apply`.
 # Results are cached in mutants/: a second run only re-tests mutants whose function or
@@ -15,9 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 modules=("$@")
-[ ${#modules[@]} -eq 0 ] && modules=(policy importance memory masking channels graph)
+[ ${#modules[@]} -eq 0 ] && modules=(policy importance memory masking channels graph accounting)
 patterns=()
-for m in "${modules[@]}"; do patterns+=("primesvt_plugin.$m.*"); done
+for m in "${modules[@]}"; do patterns+=("primesvt_plugin.pruning.$m.*"); done
 mkdir -p mutants
 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${patterns[@]}" > mutants/run.log 2>&1 || {
     echo "mutmut run failed, see mutants/run.log" >&2; tail -20 mutants/run.log >&2; exit 1; }
@@ -30,7 +30,7 @@ status = collections.defaultdict(collections.Counter)
 survivors = []
 for line in open("mutants/results.txt"):
     name, _, result = line.strip().partition(": ")
-    module = name.split(".")[1] if name.count(".") >= 2 else ""
+    module = name.split(".")[2] if name.count(".") >= 3 else ""
     if module in modules:
         status[module][result] += 1
         if result != "killed":

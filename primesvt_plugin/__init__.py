@@ -1,17 +1,35 @@
-"""PrimeSVT for Torch-Pruning, SpikingJelly and NNCF: memory-aware structured pruning of SViTs."""
-from .attention import AttentionLayout
-from .graph import PruningGroup, SpikingGraph, UnhandledLayerError
-from .importance import MemoryAwareImportance
-from .memory import Footprint, footprint
-from .plugins import get_plugin_manager, hookimpl
-from .policy import PrimeResult, prime
-from .pruner import PruningFailed, SpikingPruner, spiking_pruner_kwargs, verified_step
-from .quantized import load_quantized
+"""PrimeSVT for Torch-Pruning, SpikingJelly and NNCF: memory-aware structured pruning of SViTs.
+
+Everything a user script or a plugin needs is importable from here; the
+subpackages (``pruning``, ``deploy``, ``pipeline``) are the implementation.
+"""
+from .deploy.export import Verification, exportable, to_onnx, to_openvino, to_openvino_model
+from .deploy.quantization import OpenVINOArtifact, load_quantized, nncf_int8, quantize_int8
+from .errors import (CheckpointError, DataError, ExportError, InputError, PluginError, PrimeSVTError, PruningFailed,
+                     RecipeError, RunFailed, UnhandledLayerError)
+from .hookspecs import hookimpl
+from .pipeline.data import DataSplits, digits_splits
+from .plugins import Registrar, Registry, build_model, get_plugin_manager, new_plugin_manager, registries
+from .pruning.attention import AttentionLayout
+from .pruning.graph import PruningGroup, SpikingGraph
+from .pruning.importance import MemoryAwareImportance
+from .pruning.memory import Footprint, footprint
+from .pruning.policy import PrimeReport, PrimeResult, prime
+from .pruning.pruner import SpikingPruner, spiking_pruner_kwargs, verified_step
 from .serialization import load_pruned, save_pruned
 
 __all__ = [
-    "AttentionLayout", "Footprint", "MemoryAwareImportance", "PrimeResult", "PruningFailed", "PruningGroup",
-    "SpikingGraph", "SpikingPruner", "UnhandledLayerError", "footprint", "get_plugin_manager",
-    "hookimpl", "load_pruned", "load_quantized", "prime", "save_pruned", "spiking_pruner_kwargs", "verified_step",
+    # pruning
+    "AttentionLayout", "Footprint", "MemoryAwareImportance", "PrimeReport", "PrimeResult", "PruningGroup",
+    "SpikingGraph", "SpikingPruner", "footprint", "prime", "spiking_pruner_kwargs", "verified_step",
+    # saving and loading
+    "load_pruned", "load_quantized", "save_pruned",
+    # plugins
+    "DataSplits", "OpenVINOArtifact", "Registrar", "Registry", "Verification", "build_model", "digits_splits",
+    "exportable", "get_plugin_manager", "hookimpl", "new_plugin_manager", "nncf_int8", "quantize_int8",
+    "registries", "to_onnx", "to_openvino", "to_openvino_model",
+    # errors
+    "CheckpointError", "DataError", "ExportError", "InputError", "PluginError", "PrimeSVTError", "PruningFailed",
+    "RecipeError", "RunFailed", "UnhandledLayerError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -11,14 +11,31 @@ third party's ``pyproject.toml``::
 Our own builtins (``primesvt_plugin.builtins.*``) are declared the same way and
 load through the same path, so anything they do a third party can do too.
 
-Hooks returning a ``dict`` of named factories are merged over all plugins; a
-name registered twice is an error (see ``primesvt_plugin.plugins``).
+Named factories (models, datasets, importances, quantizers, exporters) are added
+through one hook, ``primesvt_register``, which receives a ``Registrar`` (the way
+tox's ``tox_register_tox_env(register)`` does); a name registered twice is an
+error naming both plugins. The 0.1 hooks returning ``{name: factory}`` dicts
+still work for this release and warn (see the end of this file).
+
+A ``primesvt_*`` function with no specification here makes loading fail with an
+error naming the plugin (``PluginManager.check_pending``): a misspelled hook
+never goes silently unused.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import pluggy
 
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+    from .plugins import Registrar
+    from .pruning.attention import AttentionLayout
+
 hookspec = pluggy.HookspecMarker("primesvt")
+hookimpl = pluggy.HookimplMarker("primesvt")  # what plugins decorate their implementations with
 
 
 # -- pruning: layers and attention ---------------------------------------------
@@ -30,7 +47,7 @@ hookspec = pluggy.HookspecMarker("primesvt")
 
 
 @hookspec
-def primesvt_spiking_layer_types():
+def primesvt_spiking_layer_types() -> list[type]:
     """Return the stateful, channel-wise layer classes (spiking neurons) this plugin handles.
 
     A handled layer is treated as channel-transparent by the dependency graph:
@@ -49,7 +66,7 @@ def primesvt_spiking_layer_types():
 
 
 @hookspec(firstresult=True)
-def primesvt_prune_spiking_layer(layer, idxs):
+def primesvt_prune_spiking_layer(layer: nn.Module, idxs: list[int]) -> bool | None:
     """Remove channels ``idxs`` from the per-channel parameters of ``layer``, in place.
 
     Called for every spiking layer (of a type from ``primesvt_spiking_layer_types``)
@@ -79,7 +96,8 @@ def primesvt_prune_spiking_layer(layer, idxs):
 
 
 @hookspec(firstresult=True)
-def primesvt_export_forward(layer):
+def primesvt_export_forward(
+        layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Return a plain-PyTorch multi-step forward ``f(x_seq) -> spikes`` for ``layer``, or ``None``.
 
     Exporters (ONNX, OpenVINO, TorchScript, and NNCF quantization through
@@ -99,11 +117,11 @@ def primesvt_export_forward(layer):
 
 
 @hookspec(firstresult=True)
-def primesvt_attention_layout(module):
+def primesvt_attention_layout(module: nn.Module) -> AttentionLayout | None:
     """Describe ``module`` as a spiking self-attention block, or return ``None``.
 
     Called for every submodule of a model whenever a pruning graph is built.
-    The returned ``primesvt_plugin.attention.AttentionLayout`` names the layers
+    The returned ``primesvt_plugin.AttentionLayout`` names the layers
     that read and write the residual stream, the q/k/v (inner) layers and their
     chunking, the neurons inside, the number of heads, and how to update the
     module's attributes (``head_dim``, ``dim``) after pruning; its docstring
@@ -118,75 +136,96 @@ def primesvt_attention_layout(module):
     """
 
 
+# -- named factories: models, data, importances, quantizers, exporters ------------
+
+
 @hookspec
-def primesvt_importances():
-    """Return ``{name: factory}`` of importance criteria usable by name.
+def primesvt_register(registrar: Registrar) -> None:
+    """Add this plugin's named factories to ``registrar`` (a ``primesvt_plugin.Registrar``)::
 
-    ``factory(**kwargs)`` returns a ``torch_pruning.importance.Importance``;
-    recipes call it without arguments.
+        @hookimpl
+        def primesvt_register(registrar):
+            registrar.models.add("my_svit", build_my_svit)
+            registrar.exporters.add("tflite", export_tflite)
 
-    :returns: a ``dict`` from name to factory. Names are what recipes put in
-        ``prune.importance``; the dicts of all plugins are merged and a name
-        registered twice is an error.
+    Each registry maps the names recipes use to a factory:
+
+    - ``registrar.models``: ``builder(**model.args) -> nn.Module``; recipe ``model.name``.
+    - ``registrar.datasets``: ``loader(**data.args) -> primesvt_plugin.DataSplits``;
+      recipe ``data.name``.
+    - ``registrar.importances``: ``factory(**kwargs) -> torch_pruning.importance.Importance``
+      (recipes call it without arguments); recipe ``prune.importance``.
+    - ``registrar.quantizers``: ``quantize(model, example_input, calibration, **quantize.args)``
+      gets the FP32 model, one example batch and an iterable of calibration batches
+      (numpy arrays), and returns an artifact with ``save(path) -> list[Path]``,
+      ``predict(images) -> outputs``, ``latency_ms(image) -> float`` and
+      ``weight_bytes(files) -> int`` (``primesvt_plugin.OpenVINOArtifact`` is one). A
+      ``quantize`` accepting an ``inference_precision`` keyword gets the recipe's
+      ``export.inference_precision`` (``"f32"``, ``"bf16"``, ``"f16"``): the precision its
+      floating-point operations must run at, never the CPU's default. An artifact with a
+      ``compiled_precision`` attribute has it recorded in the report. Recipe ``quantize.method``.
+    - ``registrar.exporters``: ``export(model, example_input, path) -> list[Path]`` writes
+      files named after ``path`` (a ``pathlib.Path`` stem; the exporter picks the suffix).
+      An ``export`` accepting a ``verification`` keyword gets a
+      ``primesvt_plugin.Verification`` (test images, the PyTorch model's outputs on them,
+      ``min_agreement``, ``precision``): it runs its artifact on ``verification.images``
+      and calls ``verification.check(what, outputs, precision)``, which raises
+      ``ExportError`` (nothing may be written) below the agreement asked. Exporters
+      without the keyword keep working, unverified. Recipe ``export.formats``.
+
+    A name another plugin already registered raises ``PluginError`` naming both
+    plugins; rename yours.
+
+    :param registrar: a ``primesvt_plugin.Registrar``; call ``add(name, factory)`` on its
+        registries (``models``, ``datasets``, ``importances``, ``quantizers``, ``exporters``).
+    :returns: nothing (``None``); every plugin's implementation is called.
     """
 
 
-# -- recipes: models, data, quantizers, exporters ------------------------------
+# -- deprecated: the 0.1 form ----------------------------------------------------
 #
-# Each returns ``{name: factory}``; the dicts of all plugins are merged, and a
-# name registered twice is an error naming the second plugin.
+# Each returned ``{name: factory}``; they are still collected into the same
+# registries (and warn when a plugin implementing them is loaded). Move to
+# ``primesvt_register``: ``return {"x": f}`` becomes ``registrar.models.add("x", f)``.
+
+_DEPRECATED = "{} is deprecated since primesvt-plugin 0.2; implement primesvt_register(registrar) instead"
 
 
-@hookspec
-def primesvt_model_builders():
-    """Return ``{name: builder}``; ``builder(**args)`` returns an ``nn.Module``.
+@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_model_builders")))
+def primesvt_model_builders() -> dict[str, Callable]:
+    """0.1 form of ``registrar.models``.
 
-    :returns: a ``dict`` from name to builder. Names are what recipes put in
-        ``model.name``, ``args`` is the recipe's ``model.args``.
+    :returns: ``{name: factory}``, added to ``registrar.models`` under this plugin's name.
     """
 
 
-@hookspec
-def primesvt_datasets():
-    """Return ``{name: loader}``; ``loader(**args)`` returns a ``primesvt_plugin.data.DataSplits``.
+@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_datasets")))
+def primesvt_datasets() -> dict[str, Callable]:
+    """0.1 form of ``registrar.datasets``.
 
-    :returns: a ``dict`` from name to loader. Names are what recipes put in
-        ``data.name``, ``args`` is the recipe's ``data.args``.
+    :returns: ``{name: factory}``, added to ``registrar.datasets`` under this plugin's name.
     """
 
 
-@hookspec
-def primesvt_quantizers():
-    """Return ``{name: quantize}``.
+@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_importances")))
+def primesvt_importances() -> dict[str, Callable]:
+    """0.1 form of ``registrar.importances``.
 
-    ``quantize(model, example_input, calibration, **args)`` gets the FP32 model,
-    one example batch and an iterable of calibration batches (numpy arrays), and
-    returns an artifact with ``save(path) -> list[Path]``, ``predict(images) ->
-    outputs``, ``latency_ms(image) -> float`` and ``weight_bytes(files) -> int``
-    (``primesvt_plugin.quantized.OpenVINOArtifact`` is one). A ``quantize`` that
-    accepts an ``inference_precision`` keyword gets the recipe's
-    ``export.inference_precision`` (``"f32"``, ``"bf16"``, ``"f16"``): the precision its
-    floating-point operations must run at, never the CPU's default. An artifact with a
-    ``compiled_precision`` attribute has it recorded in the report.
-
-    :returns: a ``dict`` from name to ``quantize``. Names are what recipes put
-        in ``quantize.method``, ``args`` is the recipe's ``quantize.args``.
+    :returns: ``{name: factory}``, added to ``registrar.importances`` under this plugin's name.
     """
 
 
-@hookspec
-def primesvt_exporters():
-    """Return ``{name: export}``.
+@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_quantizers")))
+def primesvt_quantizers() -> dict[str, Callable]:
+    """0.1 form of ``registrar.quantizers``.
 
-    ``export(model, example_input, path)`` writes files named after ``path``
-    (a ``pathlib.Path`` stem; the exporter picks the suffix) and returns the
-    list of files written. An ``export`` that accepts a ``verification`` keyword
-    gets a ``primesvt_plugin.export.Verification`` (test images, the PyTorch
-    model's outputs on them, ``min_agreement``, ``precision``): it runs its artifact
-    on ``verification.images`` and calls ``verification.check(what, outputs,
-    precision)``, which raises ``ExportError`` (nothing may be written) below the
-    agreement asked. Exporters without the keyword keep working, unverified.
+    :returns: ``{name: factory}``, added to ``registrar.quantizers`` under this plugin's name.
+    """
 
-    :returns: a ``dict`` from name to ``export``. Names are what recipes put in
-        ``export.formats``.
+
+@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_exporters")))
+def primesvt_exporters() -> dict[str, Callable]:
+    """0.1 form of ``registrar.exporters``.
+
+    :returns: ``{name: factory}``, added to ``registrar.exporters`` under this plugin's name.
     """

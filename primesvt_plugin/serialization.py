@@ -20,11 +20,11 @@ import pluggy
 import torch
 import torch.nn as nn
 
-from .building import build_model
 from .errors import CheckpointError, first_line
-from .graph import SpikingGraph
-from .output import umask_mode
-from .pruner import apply_plan
+from .pipeline.output import umask_mode
+from .plugins import build_model
+from .pruning.graph import SpikingGraph
+from .pruning.pruner import apply_plan
 
 FORMAT = "primesvt-pruned-model/1"
 

@@ -12,9 +12,9 @@ settings.register_profile("ci", max_examples=150, derandomize=True)
 settings.register_profile("dev", max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-from primesvt_plugin.attention import AttentionLayout
-from primesvt_plugin.building import build_model
-from primesvt_plugin.inference import fresh_forward
+from primesvt_plugin.pruning.attention import AttentionLayout
+from primesvt_plugin.plugins import build_model
+from primesvt_plugin.pruning.spiking import fresh_forward
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl
 
 # Builder name (registered by our builtins) -> arguments of a CPU-test-sized model.

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -36,17 +38,19 @@ from spikingjelly.activation_based import neuron
 from spikingjelly.activation_based.model import spikformer
 
 from primesvt_plugin import MemoryAwareImportance, SpikingGraph, footprint
-from primesvt_plugin.channels import (IN, OUT, ChannelOp, bytes_per_channel, channel_slices, expand_chunks,
+from primesvt_plugin.pruning.channels import (IN, OUT, ChannelOp, bytes_per_channel, channel_slices, expand_chunks,
                                       prune_channels, restore, tp_pruning_fn, zero_channels)
 from primesvt_plugin.errors import UnhandledLayerError
-from primesvt_plugin.graph import PruningGroup, direction_of
-from primesvt_plugin.importance import KIB, example_gradients, gradient_loss, needs_gradients, ops_bytes
-from primesvt_plugin.inference import fresh_forward
-from primesvt_plugin.masking import Masks
-from primesvt_plugin.memory import Footprint, LedgerState, one_sample, state_bytes
-from primesvt_plugin.policy import prime
+from primesvt_plugin.pruning.accounting import direction_of, ops_bytes
+from primesvt_plugin.pruning.graph import PruningGroup
+from primesvt_plugin.pruning.importance import KIB, example_gradients, gradient_loss, needs_gradients
+from primesvt_plugin.pruning.spiking import fresh_forward
+from primesvt_plugin.pruning.masking import Masks
+from primesvt_plugin.pruning.memory import Footprint, LedgerState, one_sample, state_bytes
+from primesvt_plugin.pruning.policy import prime
 from primesvt_plugin.plugins import hookimpl
-from primesvt_plugin.pruner import apply_plan
+from primesvt_plugin.pruning.pruner import apply_plan
+from primesvt_plugin.pruning.records import Constraints, PrimeReport, Scored, Trial
 
 U = 1 / 64  # one unit of "accuracy"
 CONV1_BYTES, CONV2_BYTES = 1640, 224  # bytes one channel of each group frees (module docstring)
@@ -117,7 +121,7 @@ def run_prime(evaluate, rates=(0.25, 0.5, 0.75), model=None, **kwargs):
 
 
 def records(report) -> dict[str, dict]:
-    return {g["name"]: g for g in report["groups"]}
+    return {g.name: g for g in report.groups}
 
 
 # -- (a) MemoryAwareImportance ------------------------------------------------------
@@ -179,7 +183,7 @@ def test_memory_aware_ranks_groups_differently_from_l2_in_global_pruning():
 
 def test_memory_aware_ranks_within_a_group_like_l2():
     """Inside one group every channel frees the same bytes: prime() chooses the same channels."""
-    plans = [run_prime(per_channel(U, U), importance=imp, memory_saving=0.5).report["plan"]
+    plans = [run_prime(per_channel(U, U), importance=imp, memory_saving=0.5).report.plan
              for imp in (None, MemoryAwareImportance())]
     assert plans[0] == plans[1] and plans[0]
 
@@ -201,20 +205,20 @@ def test_ops_bytes_counts_neuron_state_per_channel():
 def test_groups_are_taken_largest_first_by_the_measure(memory, order):
     """Every rate is free; the first group alone reaches 20%, so only it is pruned."""
     report = run_prime(per_channel(0, 0), memory=memory, memory_saving=0.2).report
-    assert [g["name"] for g in report["groups"]] == order
+    assert [g.name for g in report.groups] == order
     groups = records(report)
-    assert (groups["conv1"]["param_bytes"], groups["conv1"]["memory_bytes"]) == (4 * CONV1_PARAM_BYTES, 4 * CONV1_BYTES)
-    assert (groups["conv2"]["param_bytes"], groups["conv2"]["memory_bytes"]) == (16 * CONV2_PARAM_BYTES,
+    assert (groups["conv1"].param_bytes, groups["conv1"].memory_bytes) == (4 * CONV1_PARAM_BYTES, 4 * CONV1_BYTES)
+    assert (groups["conv2"].param_bytes, groups["conv2"].memory_bytes) == (16 * CONV2_PARAM_BYTES,
                                                                                16 * CONV2_BYTES)
-    assert groups["conv1"]["bytes_per_channel"] == CONV1_BYTES
-    assert list(report["plan"]) == [order[0]]
+    assert groups["conv1"].bytes_per_channel == CONV1_BYTES
+    assert list(report.plan) == [order[0]]
     first = groups[order[0]]
-    assert first["chosen_rate"] == 0.75 and groups[order[1]]["chosen_rate"] == 0.0
+    assert first.chosen_rate == 0.75 and groups[order[1]].chosen_rate == 0.0
     freed = {"conv1": 3 * (CONV1_PARAM_BYTES if memory == "parameters" else CONV1_BYTES),
              "conv2": 12 * (CONV2_PARAM_BYTES if memory == "parameters" else CONV2_BYTES)}[order[0]]
-    assert first["freed_bytes"] == freed
+    assert first.freed_bytes == freed
     total = PARAMS if memory == "parameters" else PARAMS + STATE
-    assert report["pruned"]["memory_saving"] == 1 - (total - freed) / total
+    assert report.pruned.memory_saving == 1 - (total - freed) / total
 
 
 # -- (c) the stricter floor wins -------------------------------------------------------
@@ -224,19 +228,19 @@ def test_groups_are_taken_largest_first_by_the_measure(memory, order):
 def test_the_stricter_accuracy_floor_wins(drop, minimum):
     """conv2 channels cost 1/64 each: floor 1 - 4/64 allows 4 of them (rate 0.25), 1 - 8/64 allows 8."""
     report = run_prime(per_channel(1.0, U), max_accuracy_drop=drop, min_accuracy=minimum, memory_saving=0.5).report
-    assert report["constraints"]["accuracy_floor"] == 1 - 4 * U
-    assert report["plan"] == {"conv2": [0, 1, 2, 3]}
-    assert records(report)["conv2"]["target_rate"] == 0.25
-    assert report["pruned"]["accuracy"] == 1 - 4 * U
-    assert not report["constraints_met"]
+    assert report.constraints.accuracy_floor == 1 - 4 * U
+    assert report.plan == {"conv2": [0, 1, 2, 3]}
+    assert records(report)["conv2"].target_rate == 0.25
+    assert report.pruned.accuracy == 1 - 4 * U
+    assert not report.constraints_met
 
 
 @pytest.mark.parametrize("kwargs, floor", [(dict(max_accuracy_drop=4 * U), 1 - 4 * U),
                                            (dict(min_accuracy=1 - 8 * U), 1 - 8 * U)])
 def test_either_floor_alone(kwargs, floor):
     report = run_prime(per_channel(1.0, U), memory_saving=0.5, **kwargs).report
-    assert report["constraints"]["accuracy_floor"] == floor
-    assert report["baseline"]["accuracy"] == 1.0
+    assert report.constraints.accuracy_floor == floor
+    assert report.baseline.accuracy == 1.0
 
 
 # -- (d) compression stops at the target; the highest feasible rate ---------------------------
@@ -247,24 +251,24 @@ def test_compression_stops_once_the_saving_is_reached():
     conv1, free to prune, is left whole."""
     report = run_prime(per_channel(0, U), memory_saving=0.3).report
     groups = records(report)
-    assert report["plan"] == {"conv2": list(range(8))}
-    assert groups["conv2"]["target_rate"] == groups["conv2"]["chosen_rate"] == 0.5
-    assert groups["conv1"]["target_rate"] == 0.75 and groups["conv1"]["chosen_rate"] == 0.0
-    assert groups["conv1"]["removed_channels"] == 0 and groups["conv2"]["removed_channels"] == 8
-    assert report["constraints_met"]
-    assert report["pruned"]["memory_saving"] == 8 * CONV2_PARAM_BYTES / PARAMS
-    assert report["reason"].startswith("memory saving 46.85% >= 30.00%")
+    assert report.plan == {"conv2": list(range(8))}
+    assert groups["conv2"].target_rate == groups["conv2"].chosen_rate == 0.5
+    assert groups["conv1"].target_rate == 0.75 and groups["conv1"].chosen_rate == 0.0
+    assert groups["conv1"].removed_channels == 0 and groups["conv2"].removed_channels == 8
+    assert report.constraints_met
+    assert report.pruned.memory_saving == 8 * CONV2_PARAM_BYTES / PARAMS
+    assert report.reason.startswith("memory saving 46.85% >= 30.00%")
 
 
 def test_compression_goes_on_to_the_next_group_until_the_saving_is_reached():
     """conv2 at 0.5 (46.9%) is not 60%: conv1 then loses its highest feasible count (3)."""
     report = run_prime(per_channel(0, U), memory_saving=0.6).report
-    assert report["plan"] == {"conv2": list(range(8)), "conv1": [0, 1, 2]}
+    assert report.plan == {"conv2": list(range(8)), "conv1": [0, 1, 2]}
     # conv1 loses 3 output rows and 3 of conv2's (now 8) input columns
     freed = 3 * 40 + 3 * 8 * 9 * 4
-    assert records(report)["conv1"]["freed_bytes"] == freed
-    assert report["pruned"]["memory_saving"] == (8 * CONV2_PARAM_BYTES + freed) / PARAMS
-    assert report["constraints_met"]
+    assert records(report)["conv1"].freed_bytes == freed
+    assert report.pruned.memory_saving == (8 * CONV2_PARAM_BYTES + freed) / PARAMS
+    assert report.constraints_met
 
 
 def test_combined_accuracy_lowers_the_rate_of_a_later_group():
@@ -273,10 +277,10 @@ def test_combined_accuracy_lowers_the_rate_of_a_later_group():
     while conv2 keeps its highest feasible rate."""
     report = run_prime(per_channel(2 * U, U), memory_saving=0.9).report
     groups = records(report)
-    assert groups["conv1"]["target_rate"] == 0.75 and groups["conv2"]["target_rate"] == 0.5
-    assert report["plan"] == {"conv2": list(range(8))}
-    assert report["pruned"]["accuracy"] == 1 - 8 * U
-    assert not report["constraints_met"] and report["reason"].startswith("best feasible")
+    assert groups["conv1"].target_rate == 0.75 and groups["conv2"].target_rate == 0.5
+    assert report.plan == {"conv2": list(range(8))}
+    assert report.pruned.accuracy == 1 - 8 * U
+    assert not report.constraints_met and report.reason.startswith("best feasible")
 
 
 def test_combined_accuracy_picks_the_highest_rate_that_still_fits():
@@ -285,36 +289,36 @@ def test_combined_accuracy_picks_the_highest_rate_that_still_fits():
     groups = records(report)
     # conv2: 0.25 -> 2/64, 0.5 -> 4/64, 0.75 -> 6/64: all feasible, 0.75 chosen (6/64)
     # conv1 on top: 0.25 -> 8/64 fits, 0.5 -> 10/64 does not: chosen 0.25 (target 0.75)
-    assert groups["conv2"]["chosen_rate"] == 0.75
-    assert groups["conv1"]["target_rate"] == 0.75 and groups["conv1"]["chosen_rate"] == 0.25
-    assert report["plan"] == {"conv2": list(range(12)), "conv1": [0]}
-    assert report["pruned"]["accuracy"] == 1 - 8 * U
+    assert groups["conv2"].chosen_rate == 0.75
+    assert groups["conv1"].target_rate == 0.75 and groups["conv1"].chosen_rate == 0.25
+    assert report.plan == {"conv2": list(range(12)), "conv1": [0]}
+    assert report.pruned.accuracy == 1 - 8 * U
 
 
 def test_sensitivity_sweep_stops_at_the_first_rate_below_the_floor():
     """conv1 scores 1/64 below the floor at 2 channels and back above it at 3: the sweep stops at 0.5."""
     table = {0: 0, 1: 0, 2: 9 * U, 3: 0}
     report = run_prime(scored(lambda r1, r2: table[len(r1)] + U * len(r2)), memory_saving=0.9).report
-    sweep = records(report)["conv1"]["sensitivity"]
-    assert sweep == [{"rate": 0.25, "removed": 1, "accuracy": 1.0}, {"rate": 0.5, "removed": 2, "accuracy": 1 - 9 * U}]
-    assert records(report)["conv1"]["target_rate"] == 0.25
-    conv2 = records(report)["conv2"]["sensitivity"]
-    assert [s["removed"] for s in conv2] == [4, 8, 12] and conv2[-1]["accuracy"] == 1 - 12 * U
-    assert records(report)["conv2"]["target_rate"] == 0.5
-    assert report["evaluations"] == 1 + 2 + 3 + 2 + 1  # baseline, sweeps, compression (conv2, conv1), pruned
+    sweep = records(report)["conv1"].sensitivity
+    assert sweep == [Trial(0.25, 1, 1.0), Trial(0.5, 2, 1 - 9 * U)]
+    assert records(report)["conv1"].target_rate == 0.25
+    conv2 = records(report)["conv2"].sensitivity
+    assert [s.removed for s in conv2] == [4, 8, 12] and conv2[-1].accuracy == 1 - 12 * U
+    assert records(report)["conv2"].target_rate == 0.5
+    assert report.evaluations == 1 + 2 + 3 + 2 + 1  # baseline, sweeps, compression (conv2, conv1), pruned
 
 
 def test_rates_that_round_to_the_same_count_are_tried_once():
     report = run_prime(per_channel(0, U), rates=(0.1, 0.2, 0.3, 0.4), memory_saving=0.9).report
     # conv1 (4 channels): 0.1, 0.2 -> 0 channels; 0.3, 0.4 -> 1 channel (tried once)
-    assert records(report)["conv1"]["sensitivity"] == [{"rate": 0.3, "removed": 1, "accuracy": 1.0}]
-    assert [s["removed"] for s in records(report)["conv2"]["sensitivity"]] == [1, 3, 4, 6]
+    assert records(report)["conv1"].sensitivity == [Trial(0.3, 1, 1.0)]
+    assert [s.removed for s in records(report)["conv2"].sensitivity] == [1, 3, 4, 6]
 
 
 def test_zero_saving_searches_nothing():
     report = run_prime(per_channel(0, 0), memory_saving=0.0).report
-    assert report["plan"] == {} and report["evaluations"] == 1 and report["constraints_met"]
-    assert all(g["sensitivity"] == [] for g in report["groups"])
+    assert report.plan == {} and report.evaluations == 1 and report.constraints_met
+    assert all(g.sensitivity == [] for g in report.groups)
 
 
 # -- (e) the ledger predicts the measured footprint ---------------------------------------
@@ -325,12 +329,12 @@ def test_ledger_predicts_the_measured_footprint_after_pruning():
     assert footprint(model, x) == Footprint(PARAMS, 0, STATE)
     result = run_prime(per_channel(0, 0), model=model, memory="footprint", memory_saving=0.7)
     report = result.report
-    assert report["plan"] == {"conv1": [0, 1, 2], "conv2": list(range(12))}
+    assert report.plan == {"conv1": [0, 1, 2], "conv2": list(range(12))}
     # conv1: 1 channel (40 B), conv2: 4 x [1, 3, 3] + 4 (160 B), fc: 3 x 4 + 3 (60 B); state 1024 + 256
     measured = footprint(result.model, x)
     assert measured == Footprint(40 + 160 + 60, 0, 1024 + 256)
-    assert report["pruned"]["predicted_memory"] == report["pruned"]["memory"] == measured.as_dict()
-    assert report["pruned"]["memory_saving"] == report["pruned"]["footprint_saving"] == 1 - measured.total_bytes / (
+    assert report.pruned.predicted_memory == report.pruned.memory == measured
+    assert report.pruned.memory_saving == report.pruned.footprint_saving == 1 - measured.total_bytes / (
         PARAMS + STATE)
     assert footprint(model, x) == Footprint(PARAMS, 0, STATE)  # the input model is a copy's source, untouched
 
@@ -764,7 +768,7 @@ def test_taylor_importance_in_prime_without_gradients():
     out.float().pow(2).mean().backward()
     conv2 = next(g for g in graph.groups() if g.name == "conv2")
     scores = tp.importance.GroupTaylorImportance()(conv2.importance_group)
-    assert report["plan"] == {"conv2": conv2.select(scores, 8)}
+    assert report.plan == {"conv2": conv2.select(scores, 8)}
 
 
 def test_gradient_loss_is_the_mean_square_output():
@@ -826,16 +830,16 @@ def test_prime_refuses_wrong_arguments_by_name(kwargs, message):
 def test_prime_accepts_limit_values():
     report = run_prime(per_channel(0, 0), memory_saving=0, max_accuracy_drop=0, min_accuracy=-5,
                        rates=(0.5, 0.5)).report
-    assert report["constraints"] == {"memory_saving": 0, "memory": "parameters", "max_accuracy_drop": 0,
-                                     "min_accuracy": -5, "accuracy_floor": 1.0}
-    assert report["rates"] == [0.5]
+    assert report.constraints == Constraints(memory_saving=0, memory="parameters", max_accuracy_drop=0,
+                                             min_accuracy=-5, accuracy_floor=1.0)
+    assert report.rates == [0.5]
 
 
 @pytest.mark.parametrize("value", [torch.tensor(0.75), torch.tensor(0.75, dtype=torch.float64), 0.75,
                                    __import__("numpy").float32(0.75), 3 / 4])
 def test_evaluate_may_return_any_real_scalar(value):
     report = run_prime(lambda model: value, memory_saving=0.0).report
-    assert report["baseline"]["accuracy"] == 0.75 and type(report["baseline"]["accuracy"]) is float
+    assert report.baseline.accuracy == 0.75 and type(report.baseline.accuracy) is float
 
 
 @pytest.mark.parametrize("value, message", [
@@ -865,14 +869,14 @@ def test_evaluate_error_names_the_call():
 
 @pytest.mark.parametrize("chance, warned", [(0.99, True), (1.0, True), (0.98, False), (None, False)])
 def test_a_baseline_at_chance_level_is_flagged(chance, warned, caplog):
-    with caplog.at_level("WARNING", logger="primesvt_plugin.policy"):
+    with caplog.at_level("WARNING", logger="primesvt_plugin.pruning.policy"):
         report = run_prime(per_channel(0, 0), chance_accuracy=chance, memory_saving=0.1).report
-    assert caplog.messages == report["warnings"]
+    assert caplog.messages == report.warnings
     warning = ("baseline accuracy 1.0000 is at chance level ({:.4f}): the model has not learned the task, so its "
                "accuracy says nothing about what pruning removes; train the model first").format(chance or 0)
-    assert report["warnings"] == ([warning] if warned else [])
-    assert report["constraints_met"] is not warned
-    assert (report["reason"] == warning) is warned
+    assert report.warnings == ([warning] if warned else [])
+    assert report.constraints_met is not warned
+    assert (report.reason == warning) is warned
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -881,7 +885,7 @@ def test_prime_leaves_ignored_layers_whole(inplace):
     model = net()
     report = run_prime(per_channel(0, 0), model=model, ignored_layers=[model.conv2], inplace=inplace,
                        memory_saving=0.5).report
-    assert [g["name"] for g in report["groups"]] == ["conv1"] and list(report["plan"]) == ["conv1"]
+    assert [g.name for g in report.groups] == ["conv1"] and list(report.plan) == ["conv1"]
 
 
 def test_prime_uses_the_given_plugin_manager():
@@ -899,7 +903,7 @@ def test_prime_ranks_channels_by_l2_by_default():
         model.conv1.weight[0, 0, 0, 0] = 3.0
         model.conv1.weight[1] = 1.1
     plans = {name: run_prime(lambda m: 1.0, model=model, rates=(0.25,), memory_saving=0.9, importance=imp,
-                             ignored_layers=[model.conv2], inplace=False).report["plan"]
+                             ignored_layers=[model.conv2], inplace=False).report.plan
              for name, imp in [("default", None), ("l1", tp.importance.GroupMagnitudeImportance(p=1)),
                                ("l3", tp.importance.GroupMagnitudeImportance(p=3))]}
     assert plans == {"default": {"conv1": [0]}, "l1": {"conv1": [0]}, "l3": {"conv1": [1]}}
@@ -911,17 +915,19 @@ def test_report_timings_are_within_the_call():
     clock = time.perf_counter()
     report = run_prime(per_channel(0, U), memory_saving=0.3, finetune=lambda model: None).report
     wall = time.perf_counter() - clock
-    assert set(report["timings_s"]) == {"trace_and_rank", "one_evaluation", "sensitivity", "compression", "prune",
+    assert set(report.timings_s) == {"trace_and_rank", "one_evaluation", "sensitivity", "compression", "prune",
                                         "finetune"}
-    assert all(0 <= t <= wall + 0.001 for t in report["timings_s"].values())
-    assert 0 < report["search_in_evaluation_passes"]
+    assert all(0 <= t <= wall + 0.001 for t in report.timings_s.values())
+    assert 0 < report.search_in_evaluation_passes
 
 
 def test_the_whole_report_on_a_known_case():
     """Every field, from the hand-computed bytes (module docstring) and the cost of each channel."""
     calls = []
-    report = run_prime(per_channel(0, U), memory_saving=0.3, finetune=lambda model: calls.append(model.training)).report
+    typed = run_prime(per_channel(0, U), memory_saving=0.3, finetune=lambda model: calls.append(model.training)).report
     assert calls == [True]  # fine-tuned once, in train mode
+    assert PrimeReport.from_dict(json.loads(json.dumps(typed.to_dict()))) == typed  # report.json reads back
+    report = typed.to_dict()
     report.pop("timings_s")
     assert report.pop("search_in_evaluation_passes") > 0
     after = Footprint(PARAMS - 8 * CONV2_PARAM_BYTES, 0, STATE - 8 * 64)
@@ -961,37 +967,37 @@ def test_fine_tuning_that_loses_accuracy_is_reported():
             model.conv2.weight[[0, 1]] = 0  # the pruned model's rows 0, 1 hold channels 8, 9
 
     report = run_prime(per_channel(0, U), memory_saving=0.3, finetune=finetune).report
-    assert report["pruned"]["accuracy"] == 1 - 8 * U and report["finetuned"] == {"accuracy": 1 - 10 * U}
-    assert not report["constraints_met"]
-    assert report["reason"] == ("memory saving 46.85% reached, but accuracy 0.8438 after structural pruning "
+    assert report.pruned.accuracy == 1 - 8 * U and report.finetuned == Scored(1 - 10 * U)
+    assert not report.constraints_met
+    assert report.reason == ("memory saving 46.85% reached, but accuracy 0.8438 after structural pruning "
                                 "is below 0.8750 (masked trials stayed above it)")
 
 
 def test_no_finetune_and_empty_plans():
     report = run_prime(per_channel(1.0, 1.0), memory_saving=0.3, finetune=lambda model: 1 / 0).report
-    assert report["plan"] == {} and report["finetuned"] is None  # nothing pruned: nothing to fine-tune
-    assert report["pruned"]["accuracy"] == 1.0 and report["evaluations"] == 1 + 1 + 1  # each sweep stops at once
-    assert report["reason"] == ("best feasible: 0.00% memory saving; 30.00% would need more than the accuracy "
+    assert report.plan == {} and report.finetuned is None  # nothing pruned: nothing to fine-tune
+    assert report.pruned.accuracy == 1.0 and report.evaluations == 1 + 1 + 1  # each sweep stops at once
+    assert report.reason == ("best feasible: 0.00% memory saving; 30.00% would need more than the accuracy "
                                 "budget allows: every further rate tried fell below the floor 0.8750")
     model = net()
     nothing = run_prime(per_channel(0, 0), model=model, ignored_layers=[model.conv1, model.conv2]).report
-    assert nothing["groups"] == [] and nothing["plan"] == {} and not nothing["constraints_met"]
-    assert nothing["reason"] == ("nothing to prune: the model has no prunable groups (every conv/linear is ignored, "
+    assert nothing.groups == [] and nothing.plan == {} and not nothing.constraints_met
+    assert nothing.reason == ("nothing to prune: the model has no prunable groups (every conv/linear is ignored, "
                                  "an output layer, or too narrow to keep whole heads)")
 
 
 def test_compression_stops_at_exactly_the_wanted_saving():
     wanted = 1.0 - (PARAMS - 8 * CONV2_PARAM_BYTES) / PARAMS  # conv2 at 0.5, computed as prime() does
     report = run_prime(per_channel(0, U), memory_saving=wanted).report
-    assert report["plan"] == {"conv2": list(range(8))} and report["constraints_met"]
-    assert report["evaluations"] == 1 + 3 + 3 + 1 + 1
+    assert report.plan == {"conv2": list(range(8))} and report.constraints_met
+    assert report.evaluations == 1 + 3 + 3 + 1 + 1
 
 
 # -- more layers: tied attention, neurons with a batch norm, time steps ----------------------
 
 
 def test_tied_attention_on_spike_driven_transformer():
-    from primesvt_plugin.building import build_model
+    from primesvt_plugin.plugins import build_model
 
     torch.manual_seed(0)
     model = build_model("spike_driven_transformer", dict(T=1, in_channels=1, num_classes=4, embed_dims=16,
@@ -1083,8 +1089,8 @@ def test_fine_tuning_below_the_floor_at_exactly_the_wanted_saving():
             model.conv2.weight[0] = 0
 
     report = run_prime(per_channel(0, U), memory_saving=wanted, finetune=finetune).report
-    assert report["pruned"]["memory_saving"] == wanted and not report["constraints_met"]
-    assert report["reason"].startswith("memory saving 46.85% reached, but accuracy 0.8594 after structural pruning")
+    assert report.pruned.memory_saving == wanted and not report.constraints_met
+    assert report.reason.startswith("memory saving 46.85% reached, but accuracy 0.8594 after structural pruning")
 
 
 def test_the_progress_bar_counts_the_sweep(capsys):

@@ -8,12 +8,11 @@ from spikingjelly.activation_based import functional, neuron
 
 from pathlib import Path
 
+from primesvt_plugin.deploy.export import (ExportError, Verification, compile_openvino, compiled_precision, exportable,
+                                           predict_compiled, run_openvino, to_onnx, to_openvino, to_openvino_model)
+from primesvt_plugin.deploy.quantization import OpenVINOArtifact, load_quantized, quantize_int8
 from primesvt_plugin.errors import CheckpointError
-from primesvt_plugin.export import (ExportError, Verification, compile_openvino, compiled_precision, exportable,
-                                    predict_compiled, quantize_int8, run_openvino, to_onnx, to_openvino,
-                                    to_openvino_model)
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
-from primesvt_plugin.quantized import OpenVINOArtifact, load_quantized
 
 from conftest import build
 
@@ -148,8 +147,8 @@ def test_every_openvino_compile_states_its_precision():
     """One place compiles OpenVINO models, with INFERENCE_PRECISION_HINT: nothing runs at the CPU's default."""
     package = Path(__file__).resolve().parents[1] / "primesvt_plugin"
     calls = {str(f.relative_to(package)) for f in package.rglob("*.py") if "compile_model(" in f.read_text()}
-    assert calls == {"export.py"}
-    assert "INFERENCE_PRECISION_HINT" in (package / "export.py").read_text()
+    assert calls == {"deploy/export.py"}
+    assert "INFERENCE_PRECISION_HINT" in (package / "deploy" / "export.py").read_text()
 
 
 def test_quantized_model_saves_and_loads_with_identical_outputs(tmp_path):

@@ -14,9 +14,9 @@ from spikingjelly.activation_based.model import parametric_lif_net
 from primesvt_plugin import SpikingGraph, SpikingPruner, spiking_pruner_kwargs, verified_step
 from primesvt_plugin.builtins.neurons import ELEMENTWISE_LAYER_TYPES
 from primesvt_plugin.errors import ArgumentError, EvaluationError, UnhandledLayerError
-from primesvt_plugin.export import exportable
+from primesvt_plugin.deploy.export import exportable
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
-from primesvt_plugin.policy import prime
+from primesvt_plugin.pruning.policy import prime
 
 from conftest import BreaksThirdNeuron, build, param_count, run
 
@@ -270,13 +270,13 @@ def test_attention_without_layout_is_refused_by_name(images):
 @pytest.mark.parametrize("value", ["0.9", True, None, torch.tensor([0.5, 0.5])], ids=repr)
 def test_evaluate_returning_a_non_number_is_refused(value, images):
     with pytest.raises(EvaluationError, match="must return a number"):
-        prime(build("spikformer"), images, lambda m: value, 0.2, 0.01, progress=False)
+        prime(build("spikformer"), images, lambda m: value, memory_saving=0.2, max_accuracy_drop=0.01, progress=False)
 
 
 @pytest.mark.parametrize("value", [1, 0.5, np.float32(0.5), np.int64(1), torch.tensor(0.5)], ids=repr)
 def test_evaluate_returning_any_real_scalar_is_accepted(value, images):
-    report = prime(build("spikformer"), images, lambda m: value, 0.0, 0.01, progress=False).report
-    assert report["baseline"]["accuracy"] == float(value)
+    report = prime(build("spikformer"), images, lambda m: value, memory_saving=0.0, max_accuracy_drop=0.01, progress=False).report
+    assert report.baseline.accuracy == float(value)
 
 
 @pytest.mark.parametrize("bad", [dict(max_accuracy_drop=float("nan")), dict(max_accuracy_drop=float("inf")),
@@ -292,8 +292,8 @@ def test_zero_memory_saving_costs_one_evaluation(images):
     model = build("spikformer")
     result = prime(model, images, lambda m: 0.8, memory_saving=0.0, max_accuracy_drop=0.01, progress=False)
     report = result.report
-    assert report["evaluations"] == 1 and report["constraints_met"] and report["plan"] == {}
-    assert shapes(result.model) == shapes(model) and report["pruned"]["accuracy"] == 0.8
+    assert report.evaluations == 1 and report.constraints_met and report.plan == {}
+    assert shapes(result.model) == shapes(model) and report.pruned.accuracy == 0.8
 
 
 @pytest.mark.parametrize("example, expected", [
@@ -302,15 +302,15 @@ def test_zero_memory_saving_costs_one_evaluation(images):
 ], ids=["list", "wrong-shape"])
 def test_bad_example_inputs_are_named(example, expected):
     with pytest.raises(ArgumentError, match=expected):
-        prime(build("spikformer"), example, lambda m: 1.0, 0.2, 0.01, progress=False)
+        prime(build("spikformer"), example, lambda m: 1.0, memory_saving=0.2, max_accuracy_drop=0.01, progress=False)
 
 
 def test_chance_level_baseline_is_flagged(images, caplog):
-    with caplog.at_level(logging.WARNING, logger="primesvt_plugin.policy"):
-        report = prime(build("spikformer"), images, lambda m: 0.1, 0.3, 0.01, progress=False,
+    with caplog.at_level(logging.WARNING, logger="primesvt_plugin.pruning.policy"):
+        report = prime(build("spikformer"), images, lambda m: 0.1, memory_saving=0.3, max_accuracy_drop=0.01, progress=False,
                        chance_accuracy=0.1).report
-    assert len(report["warnings"]) == 1 and "chance level" in report["warnings"][0]
-    assert not report["constraints_met"] and "train the model first" in report["reason"]
+    assert len(report.warnings) == 1 and "chance level" in report.warnings[0]
+    assert not report.constraints_met and "train the model first" in report.reason
     assert "chance level" in caplog.text
-    trained = prime(build("spikformer"), images, lambda m: 0.9, 0.0, 0.01, progress=False, chance_accuracy=0.1)
-    assert trained.report["warnings"] == [] and trained.report["constraints_met"]
+    trained = prime(build("spikformer"), images, lambda m: 0.9, memory_saving=0.0, max_accuracy_drop=0.01, progress=False, chance_accuracy=0.1)
+    assert trained.report.warnings == [] and trained.report.constraints_met

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from primesvt_plugin.cli import main
+from primesvt_plugin.pipeline.cli import main
 from primesvt_plugin.errors import ExportError, OutputError
-from primesvt_plugin.output import RUN_FORMAT, locked
+from primesvt_plugin.pipeline.output import RUN_FORMAT, locked
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
-from primesvt_plugin.recipe import find_recipe, load_recipe
-from primesvt_plugin.runner import run_recipe
+from primesvt_plugin.pipeline.recipe import find_recipe, load_recipe
+from primesvt_plugin.pipeline.runner import run_recipe
 
 # The default recipe cut down to seconds: no training, pruning, fine-tuning or quantization.
 QUICK_OVERRIDES = ["train.epochs=0", "prune=null", "finetune=null", "quantize=null", "export.formats=[torch]"]
@@ -169,7 +169,7 @@ def test_failed_run_leaves_the_previous_output_untouched(workdir):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
 def test_interrupted_run_cleans_up_and_says_one_line(signum, code, workdir):
-    process = subprocess.Popen([sys.executable, "-m", "primesvt_plugin.cli", "run", "spikformer_digits",
+    process = subprocess.Popen([sys.executable, "-m", "primesvt_plugin.pipeline.cli", "run", "spikformer_digits",
                                 "--out", "out", "--quiet", "--set", "train.epochs=500"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

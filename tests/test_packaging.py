@@ -28,13 +28,13 @@ def test_wheel_runs_the_shipped_recipe_from_an_empty_folder(tmp_path):
                    check=True, capture_output=True)
     # From an empty folder, with the installed wheel first on the path: no repository in sight.
     env = {**os.environ, "PYTHONPATH": str(site)}
-    probe = ("import primesvt_plugin, primesvt_plugin.recipe as r; "
+    probe = ("import primesvt_plugin, primesvt_plugin.pipeline.recipe as r; "
              "print(primesvt_plugin.__file__); print(r.find_recipe('spikformer_digits'))")
     where = subprocess.run([sys.executable, "-c", probe], cwd=empty, env=env, capture_output=True, text=True,
                            check=True).stdout.split()
     assert all(path.startswith(str(site)) for path in where), where
     for recipe, extra in [("spikformer_digits", []), ("user_model_npz", ["--allow-code"])]:
-        result = subprocess.run([sys.executable, "-m", "primesvt_plugin.cli", "validate", recipe, *extra],
+        result = subprocess.run([sys.executable, "-m", "primesvt_plugin.pipeline.cli", "validate", recipe, *extra],
                                 cwd=empty, env=env, capture_output=True, text=True)
         assert result.returncode == 0 and f"{recipe}: ok" in result.stdout, result.stderr
     assert list(empty.iterdir()) == []

@@ -9,7 +9,8 @@ import torch.nn as nn
 from spikingjelly.activation_based import base
 
 from primesvt_plugin import SpikingGraph, SpikingPruner, UnhandledLayerError
-from primesvt_plugin.plugins import PluginError, get_plugin_manager, merged_registry, new_plugin_manager, plugin_table
+from primesvt_plugin.plugins import (PluginError, check_hooks, get_plugin_manager, hookimpl, new_plugin_manager,
+                                     plugin_table, registries)
 
 from conftest import assert_heads_consistent, param_count, run
 
@@ -22,11 +23,13 @@ SMALL = dict(T=2, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num
 
 def test_builtins_and_example_load_through_entry_points():
     table = {name: (module, dist) for name, module, dist in plugin_table(get_plugin_manager())}
-    assert table["neurons"] == ("primesvt_plugin.builtins.neurons", "primesvt-plugin 0.1.0")
-    assert table["attention"] == ("primesvt_plugin.builtins.attention", "primesvt-plugin 0.1.0")
-    assert table["example_neuron"] == ("primesvt_example_neuron.plugin", "primesvt-example-neuron 0.1.0")
-    assert "example_spikformer" in merged_registry(get_plugin_manager(), "primesvt_model_builders")
-    assert {"l2", "taylor", "memory"} <= set(merged_registry(get_plugin_manager(), "primesvt_importances"))
+    assert table["neurons"] == ("primesvt_plugin.builtins.neurons", "primesvt-plugin 0.2.0")
+    assert table["attention"] == ("primesvt_plugin.builtins.attention", "primesvt-plugin 0.2.0")
+    assert table["example_neuron"] == ("primesvt_example_neuron.plugin", "primesvt-example-neuron 0.2.0")
+    registrar = registries(get_plugin_manager())
+    assert registrar.models.owner("example_spikformer") == "example_neuron"
+    assert registrar.models.owner("spikformer") == "models"
+    assert {"l2", "taylor", "memory"} <= set(registrar.importances.names("importances"))
 
 
 def test_example_neuron_model_prunes_with_its_thresholds(images):
@@ -70,22 +73,63 @@ def test_unknown_stateful_layer_is_refused():
         SpikingGraph(model, torch.rand(1, 3, 8, 8))
 
 
-def test_duplicate_registry_names_are_refused():
-    from primesvt_plugin.plugins import hookimpl
+class Clash:
+    @hookimpl
+    def primesvt_register(self, registrar):
+        registrar.importances.add("l2", lambda **kw: None)
 
-    class Clash:
-        @hookimpl
-        def primesvt_importances(self):
-            return {"l2": lambda **kw: None}
 
+class OldStyle:  # a 0.1 plugin: returns {name: factory}
+    @hookimpl
+    def primesvt_importances(self):
+        return {"l2_again": lambda **kw: None}
+
+
+class OldStyleClash:
+    @hookimpl
+    def primesvt_exporters(self):
+        return {"onnx": lambda model, example_input, path: []}
+
+
+def test_duplicate_registry_names_name_both_plugins():
     pm = new_plugin_manager()
     pm.register(Clash(), name="clash")
-    with pytest.raises(PluginError, match="'l2' is registered twice"):
-        merged_registry(pm, "primesvt_importances")
+    with pytest.raises(PluginError, match="importance 'l2' is registered twice, by plugins 'clash' and "
+                                          "'importances'; rename one of them"):
+        registries(pm)
+
+
+def test_plugins_written_for_0_1_still_register_and_are_told_to_move():
+    pm = new_plugin_manager()
+    with pytest.warns(DeprecationWarning, match="primesvt_importances is deprecated.*primesvt_register"):
+        pm.register(OldStyle(), name="old")
+    registrar = registries(pm)
+    assert registrar.importances.owner("l2_again") == "old" and "l2" in registrar.importances
+    pm.register(OldStyleClash(), name="old_clash")
+    with pytest.raises(PluginError, match="exporter 'onnx' is registered twice, by plugins 'exporters' and "
+                                          "'old_clash'"):
+        registries(pm)
+
+
+def test_a_misspelled_hook_fails_loudly_naming_the_plugin():
+    class Typo:
+        @hookimpl
+        def primesvt_register_models(self, registrar):  # no such hook
+            pass
+
+    pm = new_plugin_manager()
+    pm.register(Typo(), name="typo")
+    with pytest.raises(PluginError, match="plugin 'typo'.*primesvt_register_models.*the hooks are: .*primesvt_register"):
+        check_hooks(pm)
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(PluginError, match="unknown quantizer 'int4'; available: int8_weights_only, nncf_int8"):
+        registries(get_plugin_manager()).quantizers["int4"]
 
 
 def test_plugin_model_dataset_and_exporter_work_from_yaml(tmp_path, capsys):
-    from primesvt_plugin.cli import main
+    from primesvt_plugin.pipeline.cli import main
 
     recipe = tmp_path / "plugin.yaml"
     recipe.write_text(
@@ -110,13 +154,13 @@ def test_plugin_model_dataset_and_exporter_work_from_yaml(tmp_path, capsys):
 
 
 def test_plugin_details_show_layer_types_and_per_module_hooks(capsys):
-    from primesvt_plugin.cli import main
+    from primesvt_plugin.pipeline.cli import main
     from primesvt_plugin.plugins import plugin_details
 
     rows = {row.name: row for row in plugin_details(get_plugin_manager())}
     example_row = rows["example_neuron"]
     assert example_row.module == "primesvt_example_neuron.plugin"
-    assert example_row.distribution == "primesvt-example-neuron 0.1.0"
+    assert example_row.distribution == "primesvt-example-neuron 0.2.0"
     assert example_row.layer_types == ["primesvt_example_neuron.neuron.ChannelThresholdLIF"]
     assert example_row.per_module_hooks == ["primesvt_prune_spiking_layer", "primesvt_export_forward"]
     assert example_row.registries == {"models": ["example_spikformer"], "datasets": ["digits_mirrored"],

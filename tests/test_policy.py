@@ -9,12 +9,12 @@ import torch_pruning as tp
 from spikingjelly.activation_based.model import spikformer
 
 from primesvt_plugin import SpikingGraph, footprint
-from primesvt_plugin.data import digits_splits
-from primesvt_plugin.masking import Masks
-from primesvt_plugin.memory import LedgerState
-from primesvt_plugin.policy import EvaluationError, prime
-from primesvt_plugin.pruner import apply_plan
-from primesvt_plugin.training import accuracy, train
+from primesvt_plugin.pipeline.data import digits_splits
+from primesvt_plugin.pruning.masking import Masks
+from primesvt_plugin.pruning.memory import LedgerState
+from primesvt_plugin.pruning.policy import EvaluationError, prime
+from primesvt_plugin.pruning.pruner import apply_plan
+from primesvt_plugin.pipeline.training import accuracy, train
 
 from conftest import SMALL_SVITS, build, run
 
@@ -43,17 +43,17 @@ def test_constraints_are_respected(trained, digits):
     original = copy.deepcopy(trained.state_dict())
     result = prime(trained, x, val_accuracy(digits), memory_saving=0.2, max_accuracy_drop=0.03, progress=False)
     report = result.report
-    assert report["constraints_met"], report["reason"]
-    assert report["pruned"]["memory_saving"] >= 0.2
+    assert report.constraints_met, report.reason
+    assert report.pruned.memory_saving >= 0.2
     # the default measure is parameter bytes: the saving measured here, independently of the report
     measured = 1 - footprint(result.model, x).param_bytes / footprint(trained, x).param_bytes
-    assert report["pruned"]["memory_saving"] == pytest.approx(measured, abs=1e-12)
+    assert report.pruned.memory_saving == pytest.approx(measured, abs=1e-12)
     assert measured >= 0.2
-    assert report["pruned"]["accuracy"] >= report["baseline"]["accuracy"] - 0.03
+    assert report.pruned.accuracy >= report.baseline.accuracy - 0.03
     # the report's memory is the returned model's measured memory, and the prediction was exact
-    assert report["pruned"]["memory"] == footprint(result.model, x).as_dict()
-    assert report["pruned"]["predicted_memory"] == report["pruned"]["memory"]
-    assert report["evaluations"] >= 2 + sum(len(g["sensitivity"]) for g in report["groups"])
+    assert report.pruned.memory == footprint(result.model, x)
+    assert report.pruned.predicted_memory == report.pruned.memory
+    assert report.evaluations >= 2 + sum(len(g.sensitivity) for g in report.groups)
     # the input model is untouched
     assert all(torch.equal(v, original[k]) for k, v in trained.state_dict().items())
     assert result.model is not trained
@@ -63,24 +63,24 @@ def test_groups_are_compressed_largest_first(trained, digits):
     x = torch.from_numpy(digits.x_val[:2])
     report = prime(trained, x, val_accuracy(digits), memory_saving=0.3, max_accuracy_drop=0.05,
                    progress=False).report
-    sizes = [g["param_bytes"] for g in report["groups"]]  # the default measure: parameters
+    sizes = [g.param_bytes for g in report.groups]  # the default measure: parameters
     assert sizes == sorted(sizes, reverse=True)
-    assert all(0 < g["param_bytes"] <= g["memory_bytes"] for g in report["groups"])
-    assert any(g["param_bytes"] < g["memory_bytes"] for g in report["groups"])  # neuron state counted
-    for g in report["groups"]:
-        assert g["chosen_rate"] <= g["target_rate"]
-        assert all(s["accuracy"] >= report["baseline"]["accuracy"] - 0.05
-                   for s in g["sensitivity"] if s["rate"] <= g["target_rate"])
+    assert all(0 < g.param_bytes <= g.memory_bytes for g in report.groups)
+    assert any(g.param_bytes < g.memory_bytes for g in report.groups)  # neuron state counted
+    for g in report.groups:
+        assert g.chosen_rate <= g.target_rate
+        assert all(s.accuracy >= report.baseline.accuracy - 0.05
+                   for s in g.sensitivity if s.rate <= g.target_rate)
 
 
 def test_impossible_target_gives_best_feasible_with_reason(trained, digits):
     x = torch.from_numpy(digits.x_val[:2])
     report = prime(trained, x, val_accuracy(digits), memory_saving=0.95, max_accuracy_drop=0.0,
                    progress=False).report
-    assert not report["constraints_met"]
-    assert report["reason"].startswith("best feasible")
-    assert report["pruned"]["memory_saving"] < 0.95
-    assert report["pruned"]["accuracy"] >= report["baseline"]["accuracy"]
+    assert not report.constraints_met
+    assert report.reason.startswith("best feasible")
+    assert report.pruned.memory_saving < 0.95
+    assert report.pruned.accuracy >= report.baseline.accuracy
 
 
 def test_footprint_measure_and_minimum_accuracy(trained, digits):
@@ -89,12 +89,12 @@ def test_footprint_measure_and_minimum_accuracy(trained, digits):
     floor = evaluate(trained) - 0.04
     result = prime(trained, x, evaluate, memory_saving=0.25, min_accuracy=floor, memory="footprint", progress=False)
     report = result.report
-    assert report["constraints"]["accuracy_floor"] == floor
+    assert report.constraints.accuracy_floor == floor
     before, after = footprint(trained, x), footprint(result.model, x)
-    assert report["pruned"]["memory_saving"] == pytest.approx(1 - after.total_bytes / before.total_bytes, abs=1e-12)
-    assert report["pruned"]["memory_saving"] >= 0.25
-    assert report["pruned"]["accuracy"] >= floor
-    assert report["search_in_evaluation_passes"] > 0 and report["evaluations"] > 2
+    assert report.pruned.memory_saving == pytest.approx(1 - after.total_bytes / before.total_bytes, abs=1e-12)
+    assert report.pruned.memory_saving >= 0.25
+    assert report.pruned.accuracy >= floor
+    assert report.search_in_evaluation_passes > 0 and report.evaluations > 2
 
 
 def test_finetune_is_called_and_reported(trained, digits):
@@ -108,8 +108,8 @@ def test_finetune_is_called_and_reported(trained, digits):
     report = prime(trained, x, val_accuracy(digits), memory_saving=0.2, max_accuracy_drop=0.03,
                    finetune=finetune, progress=False).report
     assert calls == [True]
-    assert 0.0 <= report["finetuned"]["accuracy"] <= 1.0
-    assert "finetune" in report["timings_s"]
+    assert 0.0 <= report.finetuned.accuracy <= 1.0
+    assert "finetune" in report.timings_s
 
 
 def test_nan_from_evaluate_is_a_clear_error(trained, digits):

@@ -7,7 +7,7 @@ import torch_pruning as tp
 from spikingjelly.activation_based import functional, neuron
 
 from primesvt_plugin import MemoryAwareImportance, SpikingGraph, SpikingPruner, spiking_pruner_kwargs
-from primesvt_plugin.building import build_model
+from primesvt_plugin.plugins import build_model
 
 from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, assert_heads_consistent, build, param_count, run
 

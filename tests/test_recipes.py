@@ -11,13 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from primesvt_plugin.cli import main
-from primesvt_plugin.data import digits_splits
-from primesvt_plugin.recipe import load_recipe
-from primesvt_plugin.runner import failed_checks
-from primesvt_plugin.quantized import load_quantized
+from primesvt_plugin.pipeline.cli import main
+from primesvt_plugin.pipeline.data import digits_splits
+from primesvt_plugin.pipeline.recipe import load_recipe
+from primesvt_plugin.pipeline.runner import failed_checks
+from primesvt_plugin.deploy.quantization import load_quantized
 from primesvt_plugin.serialization import load_pruned
-from primesvt_plugin.training import class_scores
+from primesvt_plugin.pipeline.training import class_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -162,10 +162,10 @@ def test_bad_recipe_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
 def test_console_script_exit_code_and_validate(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: spikformer}\nprune: {rates: [0, 2]}\n")
-    result = subprocess.run([sys.executable, "-m", "primesvt_plugin.cli", "validate", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "primesvt_plugin.pipeline.cli", "validate", str(bad)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "prune.rates" in result.stderr
-    ok = subprocess.run([sys.executable, "-m", "primesvt_plugin.cli", "validate",
+    ok = subprocess.run([sys.executable, "-m", "primesvt_plugin.pipeline.cli", "validate",
                          str(RECIPES / "spikformer_digits.yaml")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
 
@@ -238,7 +238,7 @@ def test_bad_model_checkpoint_in_a_recipe_is_one_line(checkpoint, tmp_path, caps
     elif checkpoint == "foreign":
         path.write_text("not a checkpoint")
     else:
-        from primesvt_plugin.building import build_model
+        from primesvt_plugin.plugins import build_model
 
         model = build_model("spikformer", dict(T=2, in_channels=1, img_size_h=16, img_size_w=16, patch_size=4,
                                                num_classes=10, embed_dims=64, num_heads=4, depths=1))
@@ -283,7 +283,7 @@ def test_checkpoint_only_recipe_reproduces_the_trained_model(tmp_path):
 def test_image_folder_dataset_from_files_on_disk(tmp_path):
     from PIL import Image
 
-    from primesvt_plugin.data import image_folder_splits
+    from primesvt_plugin.pipeline.data import image_folder_splits
 
     root, rng = tmp_path / "images", np.random.default_rng(0)
     colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}

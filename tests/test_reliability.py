@@ -19,11 +19,11 @@ from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttenti
 
 from primesvt_plugin import PruningFailed, SpikingGraph, SpikingPruner, footprint, spiking_pruner_kwargs, verified_step
 from primesvt_plugin.builtins.attention import _spike_driven_self_attention, _spiking_self_attention
-from primesvt_plugin.data import DataError, npz_splits
+from primesvt_plugin.pipeline.data import DataError, npz_splits
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
-from primesvt_plugin.policy import prime
-from primesvt_plugin.recipe import RecipeError, load_recipe
-from primesvt_plugin.building import build_model
+from primesvt_plugin.pruning.policy import prime
+from primesvt_plugin.pipeline.recipe import RecipeError, load_recipe
+from primesvt_plugin.plugins import build_model
 from primesvt_plugin.errors import UntrustedCodeError
 from primesvt_plugin.serialization import CheckpointError, load_pruned, save_pruned
 
@@ -170,9 +170,10 @@ def test_prime_is_deterministic_and_leaves_the_input_alone(images):
     def agreement(m):
         return float((run(m, images).mean(0).argmax(1) == target).float().mean())
 
-    reports = [prime(model, images, agreement, 0.3, 0.5, progress=False).report for _ in range(2)]
+    reports = [prime(model, images, agreement, memory_saving=0.3, max_accuracy_drop=0.5, progress=False).report
+               for _ in range(2)]
     for key in ("plan", "pruned", "groups", "evaluations"):
-        assert reports[0][key] == reports[1][key]
+        assert getattr(reports[0], key) == getattr(reports[1], key)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -187,9 +188,9 @@ def test_batch_of_one_and_a_single_time_step(images):
 def test_nothing_prunable_is_reported_not_crashed():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x = torch.rand(2, 3, 2, 2)
-    result = prime(model, x, lambda m: 1.0, 0.2, 0.01, progress=False)
-    assert result.report["reason"].startswith("nothing to prune")
-    assert not result.report["constraints_met"] and result.report["plan"] == {}
+    result = prime(model, x, lambda m: 1.0, memory_saving=0.2, max_accuracy_drop=0.01, progress=False)
+    assert result.report.reason.startswith("nothing to prune")
+    assert not result.report.constraints_met and result.report.plan == {}
     assert torch.equal(result.model(x), model(x))
 
 
@@ -206,20 +207,20 @@ def test_everything_ignored_prunes_nothing(images):
 @pytest.mark.parametrize("saving, drop", [(0.0, 1.0), (0.001, 1.0), (0.99, 1.0), (0.5, 0.0)])
 def test_constraint_limits(saving, drop, images):
     model = build("spikformer")
-    result = prime(model, images, lambda m: 0.5, saving, drop, progress=False)  # pruning never costs accuracy
+    result = prime(model, images, lambda m: 0.5, memory_saving=saving, max_accuracy_drop=drop, progress=False)  # pruning never costs accuracy
     report = result.report
     before, after = footprint(model, images).param_bytes, footprint(result.model, images).param_bytes
-    assert report["pruned"]["memory_saving"] == pytest.approx(1 - after / before, abs=1e-12)
+    assert report.pruned.memory_saving == pytest.approx(1 - after / before, abs=1e-12)
     if saving == 0.0:
-        assert report["constraints_met"] and report["plan"] == {} and after == before
-        assert report["evaluations"] == 1  # the baseline only: nothing to search for
+        assert report.constraints_met and report.plan == {} and after == before
+        assert report.evaluations == 1  # the baseline only: nothing to search for
     elif saving < 0.01:
-        assert report["constraints_met"] and report["plan"] and after < before
+        assert report.constraints_met and report.plan and after < before
     elif saving >= 0.99:  # out of reach even at the highest rates, and the reason says so (not the budget)
-        assert not report["constraints_met"] and "every group is already at the highest rate" in report["reason"]
-        assert all(g["chosen_rate"] == max(report["rates"]) for g in report["groups"])
+        assert not report.constraints_met and "every group is already at the highest rate" in report.reason
+        assert all(g.chosen_rate == max(report.rates) for g in report.groups)
     else:  # a zero drop budget is no obstacle when accuracy never moves: the target is reached
-        assert report["constraints_met"] and report["pruned"]["memory_saving"] >= 0.5
+        assert report.constraints_met and report.pruned.memory_saving >= 0.5
     run(result.model, images)
 
 

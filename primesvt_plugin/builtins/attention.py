@@ -4,8 +4,8 @@ from __future__ import annotations
 from spikingjelly.activation_based.layer import attention as sj_attention
 from spikingjelly.activation_based.model import maxformer
 
-from ..attention import AttentionLayout
 from ..plugins import hookimpl
+from ..pruning.attention import AttentionLayout
 
 
 def _set_dim_and_head_dim(module, width: int, inner: int) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..export import (ExportError, Verification, exportable, predict_batches, to_onnx, to_openvino,
+from ..deploy.export import (ExportError, Verification, exportable, predict_batches, to_onnx, to_openvino,
                       verification_or_example)
 from ..plugins import hookimpl
 
@@ -25,12 +25,10 @@ def to_torchscript(model, example_input, path, verification: Verification | None
 
 
 @hookimpl
-def primesvt_exporters():
-    return {
-        "torchscript": to_torchscript,
-        "torch": to_torchscript,  # the PyTorch artifact a deployment loads: TorchScript
-        "onnx": lambda model, example_input, path, verification=None: to_onnx(
-            model, example_input, path.with_suffix(".onnx"), verification=verification),
-        "openvino": lambda model, example_input, path, verification=None: to_openvino(
-            model, example_input, path.with_suffix(".xml"), verification=verification),
-    }
+def primesvt_register(registrar):
+    registrar.exporters.add("torchscript", to_torchscript)
+    registrar.exporters.add("torch", to_torchscript)  # the PyTorch artifact a deployment loads: TorchScript
+    registrar.exporters.add("onnx", lambda model, example_input, path, verification=None: to_onnx(
+        model, example_input, path.with_suffix(".onnx"), verification=verification))
+    registrar.exporters.add("openvino", lambda model, example_input, path, verification=None: to_openvino(
+        model, example_input, path.with_suffix(".xml"), verification=verification))

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import torch_pruning as tp
 
-from ..importance import MemoryAwareImportance
 from ..plugins import hookimpl
+from ..pruning.importance import MemoryAwareImportance
 
 
 @hookimpl
-def primesvt_importances():
-    return {
-        "l2": lambda **kw: tp.importance.GroupMagnitudeImportance(p=2, **kw),
-        "l1": lambda **kw: tp.importance.GroupMagnitudeImportance(p=1, **kw),
-        "taylor": lambda **kw: tp.importance.GroupTaylorImportance(**kw),
-        "random": lambda **kw: tp.importance.RandomImportance(),
-        "memory": lambda **kw: MemoryAwareImportance(**kw),
-    }
+def primesvt_register(registrar):
+    registrar.importances.add("l2", lambda **kw: tp.importance.GroupMagnitudeImportance(p=2, **kw))
+    registrar.importances.add("l1", lambda **kw: tp.importance.GroupMagnitudeImportance(p=1, **kw))
+    registrar.importances.add("taylor", lambda **kw: tp.importance.GroupTaylorImportance(**kw))
+    registrar.importances.add("random", lambda **kw: tp.importance.RandomImportance())
+    registrar.importances.add("memory", lambda **kw: MemoryAwareImportance(**kw))

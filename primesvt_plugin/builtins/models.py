@@ -7,11 +7,9 @@ from ..plugins import hookimpl
 
 
 @hookimpl
-def primesvt_model_builders():
-    return {
-        "spikformer": spikformer.Spikformer,
-        "spikformer_cifar10": spikformer.spikformer_cifar10,
-        "spike_driven_transformer": spike_driven_transformer.SpikeDrivenTransformer,
-        "qkformer": qkformer.QKFormer,
-        "maxformer": maxformer.MaxFormer,
-    }
+def primesvt_register(registrar):
+    registrar.models.add("spikformer", spikformer.Spikformer)
+    registrar.models.add("spikformer_cifar10", spikformer.spikformer_cifar10)
+    registrar.models.add("spike_driven_transformer", spike_driven_transformer.SpikeDrivenTransformer)
+    registrar.models.add("qkformer", qkformer.QKFormer)
+    registrar.models.add("maxformer", maxformer.MaxFormer)

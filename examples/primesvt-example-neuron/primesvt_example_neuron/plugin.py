@@ -4,10 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-from primesvt_plugin import hookimpl
-from primesvt_plugin.data import DataSplits, digits_splits
-from primesvt_plugin.export import to_openvino_model
-from primesvt_plugin.quantized import OpenVINOArtifact
+from primesvt_plugin import DataSplits, OpenVINOArtifact, digits_splits, hookimpl, to_openvino_model
 from spikingjelly.activation_based.model import spikformer
 
 from .neuron import ChannelThresholdLIF
@@ -38,20 +35,10 @@ def example_spikformer(**args) -> nn.Module:
     return model
 
 
-@hookimpl
-def primesvt_model_builders():
-    return {"example_spikformer": example_spikformer}
-
-
 def mirrored_digits(**args) -> DataSplits:
     """scikit-learn's digits, mirrored left-right (shows a plugin dataset in a recipe)."""
     splits = digits_splits(**args)
     return splits.map_images(lambda images: np.ascontiguousarray(images[..., ::-1]))
-
-
-@hookimpl
-def primesvt_datasets():
-    return {"digits_mirrored": mirrored_digits}
 
 
 def export_state_dict_fp16(model: nn.Module, example_input: torch.Tensor, path) -> list:
@@ -59,11 +46,6 @@ def export_state_dict_fp16(model: nn.Module, example_input: torch.Tensor, path) 
     target = path.with_suffix(".fp16.pt")
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, target)
     return [target]
-
-
-@hookimpl
-def primesvt_exporters():
-    return {"state_dict_fp16": export_state_dict_fp16}
 
 
 @hookimpl
@@ -91,5 +73,8 @@ def int8_weights_only(model, example_input, calibration, subset_size: int = 300)
 
 
 @hookimpl
-def primesvt_quantizers():
-    return {"int8_weights_only": int8_weights_only}
+def primesvt_register(registrar):
+    registrar.models.add("example_spikformer", example_spikformer)
+    registrar.datasets.add("digits_mirrored", mirrored_digits)
+    registrar.exporters.add("state_dict_fp16", export_state_dict_fp16)
+    registrar.quantizers.add("int8_weights_only", int8_weights_only)

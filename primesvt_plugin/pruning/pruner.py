@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..errors import ArgumentError, PruningFailed
 from .graph import PruningGroup, SpikingGraph
-from .errors import ArgumentError, PruningFailed
-from .inference import fresh_forward
+from .spiking import fresh_forward
 
 log = logging.getLogger(__name__)
 

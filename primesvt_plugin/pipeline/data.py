@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-from .errors import DataError
+from ..errors import DataError
 
 
 @dataclass(frozen=True)

@@ -31,40 +31,20 @@ import torch.nn as nn
 import torch_pruning as tp
 from tqdm.auto import tqdm
 
+from ..errors import ArgumentError, EvaluationError
+from .accounting import ops_bytes
 from .graph import PruningGroup, SpikingGraph
-from .errors import ArgumentError, EvaluationError
-from .importance import example_gradients, needs_gradients, ops_bytes
-from .inference import fresh_forward, inference
+from .importance import example_gradients, needs_gradients
 from .masking import Masks
 from .memory import MEASURES, Footprint, LedgerState, footprint
 from .pruner import apply_plan
+from .records import Constraints, GroupRecord, Measured, PrimeReport, PrimeResult, Pruned, Scored, Trial
+from .spiking import fresh_forward, inference
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CHANCE_MARGIN = 0.01  # a baseline this close to chance_accuracy counts as chance
-
-
-@dataclass
-class GroupRecord:
-    name: str
-    kind: str
-    channels: int
-    channel_groups: int
-    memory_bytes: int  # parameters, buffers and neuron state the group's channels touch
-    param_bytes: int  # of which parameters and buffers
-    bytes_per_channel: float
-    sensitivity: list[dict] = field(default_factory=list)
-    target_rate: float = 0.0
-    chosen_rate: float = 0.0
-    removed_channels: int = 0
-    freed_bytes: int = 0
-
-
-@dataclass
-class PrimeResult:
-    model: nn.Module
-    report: dict
 
 
 class _Evaluator:
@@ -122,12 +102,12 @@ def _chance_warnings(baseline: float, chance_accuracy: float | None) -> list[str
             "learned the task, so its accuracy says nothing about what pruning removes; train the model first"]
 
 
-def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], float],
+def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], float], *,
           memory_saving: float, max_accuracy_drop: float | None = None, min_accuracy: float | None = None,
           rates: Sequence[float] = DEFAULT_RATES, memory: str = "parameters",
           importance: tp.importance.Importance | None = None,
           finetune: Callable[[nn.Module], None] | None = None, ignored_layers: Sequence[nn.Module] = (),
-          inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None, *,
+          inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None,
           chance_accuracy: float | None = None) -> PrimeResult:
     """Prune ``model`` to save ``memory_saving`` of its memory within an accuracy budget.
 
@@ -136,15 +116,37 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     score and/or ``min_accuracy`` (the stricter wins), in the same unit. ``memory``
     is ``"parameters"`` (parameter bytes, the paper's measure) or ``"footprint"``
     (parameters + buffers + neuron state for one sample). Returns the pruned model
-    (a copy unless ``inplace``) and a JSON-ready report. When the saving cannot be
+    (a copy unless ``inplace``) and a ``PrimeReport``. When the saving cannot be
     reached within the budget, the best feasible plan is applied and the report says why.
     ``chance_accuracy`` is the score of guessing (e.g. the majority-class fraction):
-    a baseline at or below it (+0.01) puts a warning in ``report["warnings"]`` and
+    a baseline at or below it (+0.01) puts a warning in ``report.warnings`` and
     fails the constraints, since an untrained model's accuracy cannot guide pruning.
     An ``importance`` that reads gradients (Taylor) gets them from one forward and
     backward pass on ``example_inputs`` in eval mode, loss ``mean(output ** 2)``
     (``importance.example_gradients``); the parameters' ``.grad`` is put back afterwards.
     """
+    rates = _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates)
+    was_training = model.training
+    if not inplace:
+        copies: dict[int, object] = {}
+        model = copy.deepcopy(model, copies)
+        ignored_layers = [copies.get(id(layer), layer) for layer in ignored_layers]  # the copy's own layers
+    model.eval()
+    try:
+        search = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, pm)
+        constraints = search.constraints(memory_saving, max_accuracy_drop, min_accuracy)
+        warnings = _chance_warnings(search.baseline, chance_accuracy)
+        for warning in warnings:
+            log.warning(warning)
+        plan, predicted = search.run(rates if memory_saving > 0 else [], constraints, progress)  # 0: nothing to save
+        outcome = search.apply(plan, finetune)
+    finally:
+        model.train(was_training)
+    return PrimeResult(model, _report(search, constraints, warnings, plan, predicted, outcome, rates))
+
+
+def _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates) -> list[float]:
+    """Refuse arguments prime() cannot honour; the rates sorted and deduplicated."""
     _check_number("memory_saving", memory_saving, 0.0)
     if memory_saving >= 1.0:
         raise ArgumentError(f"memory_saving must be a fraction in [0, 1), got {memory_saving}")
@@ -158,95 +160,123 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     rates = sorted({float(r) for r in rates})
     if not rates or rates[0] <= 0 or rates[-1] >= 1:
         raise ArgumentError(f"rates must be fractions in (0, 1), got {rates}")
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    was_training = model.training
-    if not inplace:
-        copies: dict[int, object] = {}
-        model = copy.deepcopy(model, copies)
-        ignored_layers = [copies.get(id(layer), layer) for layer in ignored_layers]  # the copy's own layers
-    model.eval()
-    _check_example_inputs(model, example_inputs)
-    graph = SpikingGraph(model, example_inputs, ignored_layers, pm=pm)
-    groups = graph.groups()
-    importance = importance or tp.importance.GroupMagnitudeImportance(p=2)
-    with example_gradients(model, example_inputs) if needs_gradients(importance) else contextlib.nullcontext():
-        scores = {g.name: importance(g.importance_group) for g in groups}
-    groups = [g for g in groups if scores[g.name] is not None]
-    before = footprint(model, example_inputs)
-    records = {g.name: _record(g, graph) for g in groups}
-    size_key = "param_bytes" if memory == "parameters" else "memory_bytes"
-    groups.sort(key=lambda g: getattr(records[g.name], size_key), reverse=True)
-    evaluate_model = _Evaluator(evaluate, model)
-    timings["trace_and_rank"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    baseline = evaluate_model()
-    timings["one_evaluation"] = time.perf_counter() - clock
-    floors = [] if max_accuracy_drop is None else [baseline - max_accuracy_drop]
-    floor = max(floors + ([] if min_accuracy is None else [min_accuracy]))
-    warnings = _chance_warnings(baseline, chance_accuracy)
-    for warning in warnings:
-        log.warning(warning)
+    return rates
 
-    def plan_for(group: PruningGroup, rate: float) -> list[int]:
-        return group.select(scores[group.name], group.removable(rate))
 
-    masks = Masks()
-    searched = groups if memory_saving > 0 else []  # nothing to save: no trial can help
-    try:
+@dataclass
+class _Outcome:
+    after: Footprint
+    pruned_accuracy: float
+    finetuned_accuracy: float | None
+
+
+@dataclass
+class _Search:
+    """The model's groups, ranked and scored, and the trials run on them."""
+
+    model: nn.Module
+    example_inputs: torch.Tensor
+    graph: SpikingGraph
+    groups: list[PruningGroup]  # largest first
+    scores: dict[str, torch.Tensor]
+    records: dict[str, GroupRecord]
+    before: Footprint
+    memory: str
+    evaluate: "_Evaluator"
+    baseline: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, model, example_inputs, evaluate, ignored_layers, importance, memory, pm) -> "_Search":
+        """Trace, score and rank the groups; evaluate the unpruned model."""
         clock = time.perf_counter()
-        _measure_sensitivity(searched, rates, records, plan_for, masks, evaluate_model, floor, progress)
-        timings["sensitivity"] = time.perf_counter() - clock
-
+        _check_example_inputs(model, example_inputs)
+        graph = SpikingGraph(model, example_inputs, ignored_layers, pm=pm)
+        groups = graph.groups()
+        importance = importance or tp.importance.GroupMagnitudeImportance(p=2)
+        with example_gradients(model, example_inputs) if needs_gradients(importance) else contextlib.nullcontext():
+            scores = {g.name: importance(g.importance_group) for g in groups}
+        groups = [g for g in groups if scores[g.name] is not None]
+        records = {g.name: _record(g, graph) for g in groups}
+        groups.sort(key=lambda g: records[g.name].size_bytes(memory), reverse=True)
+        search = cls(model, example_inputs, graph, groups, scores, records, footprint(model, example_inputs), memory,
+                     _Evaluator(evaluate, model))
+        search.timings["trace_and_rank"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        plan, predicted = _compress(searched, records, plan_for, masks, evaluate_model, floor,
-                                    LedgerState(model, graph.state_bytes), before, memory_saving, memory)
-        timings["compression"] = time.perf_counter() - clock
-    finally:
-        masks.clear()
+        search.baseline = search.evaluate()
+        search.timings["one_evaluation"] = time.perf_counter() - clock
+        return search
 
-    clock = time.perf_counter()
-    apply_plan(model, example_inputs, groups, plan)
-    after = footprint(model, example_inputs)
-    timings["prune"] = time.perf_counter() - clock
-    pruned_accuracy = evaluate_model() if plan else baseline  # an empty plan leaves the model as it was
+    def constraints(self, memory_saving, max_accuracy_drop, min_accuracy) -> Constraints:
+        floors = [] if max_accuracy_drop is None else [self.baseline - max_accuracy_drop]
+        floor = max(floors + ([] if min_accuracy is None else [min_accuracy]))  # the stricter wins
+        return Constraints(memory_saving, self.memory, max_accuracy_drop, min_accuracy, floor)
 
-    finetuned_accuracy = None
-    if finetune is not None and plan:
+    def plan_for(self, group: PruningGroup, rate: float) -> list[int]:
+        """The channels ``rate`` removes from ``group``: the lowest-scored, head-aligned."""
+        return group.select(self.scores[group.name], group.removable(rate))
+
+    def run(self, rates: list[float], constraints: Constraints, progress: bool) -> tuple[dict[str, list[int]], Footprint]:
+        """Measure each group's robustness, then compress largest first; returns the plan and its footprint."""
+        searched = self.groups if rates else []
+        masks = Masks()
+        try:
+            clock = time.perf_counter()
+            _measure_sensitivity(searched, rates, self.records, self.plan_for, masks, self.evaluate,
+                                 constraints.accuracy_floor, progress)
+            self.timings["sensitivity"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            result = _compress(searched, self.records, self.plan_for, masks, self.evaluate, constraints.accuracy_floor,
+                               LedgerState(self.model, self.graph.state_bytes), self.before,
+                               constraints.memory_saving, self.memory)
+            self.timings["compression"] = time.perf_counter() - clock
+        finally:
+            masks.clear()
+        return result
+
+    def apply(self, plan: dict[str, list[int]], finetune) -> _Outcome:
+        """Prune the plan structurally, evaluate, and fine-tune if asked."""
         clock = time.perf_counter()
-        model.train()
-        finetune(model)
-        model.eval()
-        finetuned_accuracy = evaluate_model()
-        timings["finetune"] = time.perf_counter() - clock
-    model.train(was_training)
+        apply_plan(self.model, self.example_inputs, self.groups, plan)
+        after = footprint(self.model, self.example_inputs)
+        self.timings["prune"] = time.perf_counter() - clock
+        pruned_accuracy = self.evaluate() if plan else self.baseline  # an empty plan leaves the model as it was
+        finetuned_accuracy = None
+        if finetune is not None and plan:
+            clock = time.perf_counter()
+            self.model.train()
+            finetune(self.model)
+            self.model.eval()
+            finetuned_accuracy = self.evaluate()
+            self.timings["finetune"] = time.perf_counter() - clock
+        return _Outcome(after, pruned_accuracy, finetuned_accuracy)
 
+
+def _report(search: _Search, constraints: Constraints, warnings: list[str], plan, predicted: Footprint,
+            outcome: _Outcome, rates: list[float]) -> PrimeReport:
+    before, after, memory = search.before, outcome.after, search.memory
     saving = 1.0 - after.bytes_of(memory) / before.bytes_of(memory)
-    final_accuracy = pruned_accuracy if finetuned_accuracy is None else finetuned_accuracy
-    met = saving >= memory_saving - 1e-9 and final_accuracy >= floor - 1e-9 and not warnings
-    search = timings["sensitivity"] + timings["compression"]
-    report = {
-        "constraints": {"memory_saving": memory_saving, "memory": memory, "max_accuracy_drop": max_accuracy_drop,
-                        "min_accuracy": min_accuracy, "accuracy_floor": floor},
-        "constraints_met": met,
-        "reason": warnings[0] if warnings else _reason(met, saving, memory_saving, final_accuracy, floor, len(groups),
-                                                       at_highest_rate=all(records[g.name].chosen_rate == rates[-1]
-                                                                           for g in groups)),
-        "warnings": warnings,
-        "baseline": {"accuracy": baseline, "memory": before.as_dict()},
-        "pruned": {"accuracy": pruned_accuracy, "memory": after.as_dict(), "memory_saving": saving,
-                   "footprint_saving": 1.0 - after.total_bytes / before.total_bytes,
-                   "parameter_saving": 1.0 - after.param_bytes / before.param_bytes,
-                   "predicted_memory": predicted.as_dict()},
-        "finetuned": None if finetuned_accuracy is None else {"accuracy": finetuned_accuracy},
-        "groups": [vars(records[g.name]) for g in groups],
-        "plan": plan,
-        "evaluations": evaluate_model.calls,
-        "search_in_evaluation_passes": search / max(timings["one_evaluation"], 1e-9),
-        "rates": rates,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
-    return PrimeResult(model, report)
+    final = outcome.pruned_accuracy if outcome.finetuned_accuracy is None else outcome.finetuned_accuracy
+    floor = constraints.accuracy_floor
+    met = saving >= constraints.memory_saving - 1e-9 and final >= floor - 1e-9 and not warnings
+    records = [search.records[g.name] for g in search.groups]
+    at_highest_rate = all(r.chosen_rate == rates[-1] for r in records)
+    seconds = search.timings
+    return PrimeReport(
+        constraints=constraints, constraints_met=met,
+        reason=warnings[0] if warnings else _reason(met, saving, constraints.memory_saving, final, floor,
+                                                    len(records), at_highest_rate=at_highest_rate),
+        warnings=warnings,
+        baseline=Measured(search.baseline, before),
+        pruned=Pruned(outcome.pruned_accuracy, after, memory_saving=saving,
+                      footprint_saving=1.0 - after.total_bytes / before.total_bytes,
+                      parameter_saving=1.0 - after.param_bytes / before.param_bytes, predicted_memory=predicted),
+        finetuned=None if outcome.finetuned_accuracy is None else Scored(outcome.finetuned_accuracy),
+        groups=records, plan=plan, evaluations=search.evaluate.calls,
+        search_in_evaluation_passes=(seconds.get("sensitivity", 0.0) + seconds.get("compression", 0.0))
+        / max(seconds["one_evaluation"], 1e-9),
+        rates=rates, timings_s={k: round(v, 3) for k, v in seconds.items()},
+    )
 
 
 def _record(group: PruningGroup, graph: SpikingGraph) -> GroupRecord:
@@ -263,12 +293,12 @@ def _measure_sensitivity(groups, rates, records, plan_for, masks, evaluate_model
         for rate in rates:
             bar.update(1)
             idxs = plan_for(group, rate)
-            if not idxs or (record.sensitivity and len(idxs) == record.sensitivity[-1]["removed"]):
+            if not idxs or (record.sensitivity and len(idxs) == record.sensitivity[-1].removed):
                 continue  # rounds to nothing new (head blocks, tiny groups)
             masks.trial(group.channel_ops(idxs))
             accuracy = evaluate_model()
             masks.undo_trial()
-            record.sensitivity.append({"rate": rate, "removed": len(idxs), "accuracy": accuracy})
+            record.sensitivity.append(Trial(rate, len(idxs), accuracy))
             if accuracy < floor:
                 break  # higher rates of a group only hurt more: stop early
             record.target_rate = rate
@@ -283,7 +313,7 @@ def _compress(groups, records, plan_for, masks, evaluate_model, floor, ledger: L
         if 1.0 - predicted.bytes_of(memory) / before.bytes_of(memory) >= memory_saving:
             break
         record = records[group.name]
-        feasible = [s["rate"] for s in record.sensitivity if s["accuracy"] >= floor]
+        feasible = [t.rate for t in record.sensitivity if t.accuracy >= floor]
         for rate in sorted(feasible, reverse=True):
             idxs = plan_for(group, rate)
             ops = group.channel_ops(idxs)

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ..errors import LayoutError, UnhandledLayerError
 from .channels import IN, OUT, ChannelOp, expand_chunks, prune_channels
-from .errors import LayoutError
 
 WIDTH = "width"
 INNER = "inner"
@@ -174,4 +174,5 @@ def _in_channels(layer: nn.Module) -> int:
     for attr in ("in_channels", "in_features", "num_features"):
         if hasattr(layer, attr):
             return int(getattr(layer, attr))
-    raise TypeError(f"cannot read input channels of {type(layer).__name__}")
+    raise UnhandledLayerError(f"cannot read input channels of {type(layer).__name__} (no in_channels, in_features "
+                              "or num_features): an attention layout must list conv, linear or batch norm layers")

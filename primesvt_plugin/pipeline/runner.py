@@ -24,21 +24,21 @@ import pluggy
 import torch
 import torch.nn as nn
 
-from .building import build_model, resolve_builder
+from ..deploy.export import Verification, cpu_description
+from ..deploy.latency import model_latency_ms
+from ..errors import DataError, InputError, PluginError, RecipeError, first_line
+from ..plugins import build_model, get_plugin_manager, registries, resolve_builder
+from ..pruning.memory import footprint
+from ..pruning.policy import prime
+from ..pruning.pruner import SpikingPruner
+from ..pruning.spiking import fresh_forward
+from ..pruning.spiking import class_scores
+from ..serialization import load_state_dict_file, save_pruned
 from .data import DataSplits
-from .errors import DataError, InputError, PluginError, RecipeError, first_line
-from .export import Verification, cpu_description
-from .inference import fresh_forward
-from .latency import model_latency_ms
-from .memory import footprint
 from .output import RUN_FORMAT, staged_output
-from .plugins import get_plugin_manager, lookup, merged_registry
-from .policy import prime
-from .pruner import SpikingPruner
 from .recipe import Recipe
 from .report import plot_sensitivity, write_markdown
-from .serialization import load_state_dict_file, save_pruned
-from .training import accuracy, class_scores, train
+from .training import accuracy, train
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +66,26 @@ def _check_arguments(where: str, field: str, fn: Callable, *args, **kwargs) -> N
 def preflight(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) -> None:
     """Check every name, argument and file the recipe refers to, before anything runs or is written."""
     where = recipe.source or "recipe"
-    checks = [("data.name", recipe.data.name, "primesvt_datasets")]
+    registrar = registries(pm)
+    checks = [(registrar.datasets, recipe.data.name)]
     if recipe.prune:
-        checks.append(("prune.importance", recipe.prune.importance, "primesvt_importances"))
+        checks.append((registrar.importances, recipe.prune.importance))
     if recipe.quantize:
-        checks.append(("quantize.method", recipe.quantize.method, "primesvt_quantizers"))
+        checks.append((registrar.quantizers, recipe.quantize.method))
     for fmt in recipe.export.formats if recipe.export else []:
-        checks.append(("export.formats", fmt, "primesvt_exporters"))
+        checks.append((registrar.exporters, fmt))
     try:
         resolve_builder(recipe.model.name, pm, recipe_folder(recipe), trust_code=allow_code)
     except InputError as error:
         raise RecipeError(f"{where}: model.name: {error}") from None
-    for field, name, hook in checks:
-        registry = merged_registry(pm, hook)
+    for registry, name in checks:
         if name not in registry:
-            raise RecipeError(f"{where}: {field}: unknown {name!r}; available: {', '.join(sorted(registry))}")
-    _check_arguments(where, "data.args", lookup(pm, "primesvt_datasets", recipe.data.name, "dataset"),
+            raise RecipeError(f"{where}: {registry.recipe_field}: unknown {registry.kind} {name!r}; "
+                              f"available: {', '.join(registry.names())}")
+    _check_arguments(where, "data.args", registrar.datasets[recipe.data.name],
                      **_data_args(recipe))
     if recipe.quantize:
-        quantizer = lookup(pm, "primesvt_quantizers", recipe.quantize.method, "quantizer")
+        quantizer = registrar.quantizers[recipe.quantize.method]
         _check_arguments(where, "quantize.args", quantizer, None, None, None,
                          subset_size=recipe.quantize.calibration_size, **recipe.quantize.args)
     for field, path in recipe.input_files().items():
@@ -143,7 +144,7 @@ def _data_args(recipe: Recipe) -> dict[str, Any]:
 
 
 def _load_data(recipe: Recipe, pm) -> DataSplits:
-    loader = lookup(pm, "primesvt_datasets", recipe.data.name, "dataset")
+    loader = registries(pm).datasets[recipe.data.name]
     try:
         return loader(**_data_args(recipe))
     except InputError:
@@ -240,7 +241,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict
 
     if recipe.quantize:
         q = recipe.quantize
-        quantizer = lookup(pm, "primesvt_quantizers", q.method, "quantizer")
+        quantizer = registries(pm).quantizers[q.method]
         calibration = [data.x_train[i:i + 1] for i in range(min(q.calibration_size, len(data.x_train)))]
         with _quiet(not progress):
             artifact = quantizer(model, example, calibration, subset_size=q.calibration_size, **q.args,
@@ -251,12 +252,12 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict
         stages.append({"stage": f"{q.method}", "test_accuracy": int8_test, "weight_bytes": weight_bytes,
                        "latency_ms": artifact.latency_ms(example.numpy()),
                        "inference_precision": getattr(artifact, "compiled_precision", None)})
-        if recipe.prune:  # the embedded budget the default recipe promises: pruning + INT8
-            checks["int8 weights <= 25% of unpruned fp32 params"] = {
-                "ok": weight_bytes <= 0.25 * param_bytes,
+        if recipe.prune:  # the embedded budget: pruning + INT8
+            checks[f"int8 weights <= {q.max_weight_fraction:.0%} of unpruned fp32 params"] = {
+                "ok": weight_bytes <= q.max_weight_fraction * param_bytes,
                 "detail": f"{weight_bytes} B = {weight_bytes / param_bytes:.2%} of {param_bytes} B"}
-        checks["test accuracy drop <= 3 points"] = {
-            "ok": baseline_test - int8_test <= 0.03,
+        checks[f"test accuracy drop <= {100 * q.max_accuracy_drop:g} points"] = {
+            "ok": baseline_test - int8_test <= q.max_accuracy_drop,
             "detail": f"{100 * baseline_test:.2f}% -> {100 * int8_test:.2f}%"}
 
     if recipe.export:
@@ -265,7 +266,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict
                                        precision=e.inference_precision)
         exported = []
         for fmt in e.formats:
-            exporter = lookup(pm, "primesvt_exporters", fmt, "exporter")
+            exporter = registries(pm).exporters[fmt]
             exported += exporter(model, example, stage / "model", **accepted(exporter, {"verification": verification}))
         report["exports"] = [str(Path(p).name) for p in exported]
         report["export_checks"] = verification.results
@@ -292,7 +293,7 @@ def _quiet(quiet: bool):
 def _prune(recipe: Recipe, model, example, val, data: DataSplits, chance: float, report: dict, stage: Path, pm,
            progress: bool) -> dict[str, list[int]]:
     p = recipe.prune
-    importance = lookup(pm, "primesvt_importances", p.importance, "importance")()
+    importance = registries(pm).importances[p.importance]()
     finetune = _finetune(recipe, data, progress) if recipe.finetune else None
     if p.method == "uniform":
         plan = SpikingPruner(model, example, importance=importance, pruning_ratio=p.ratio, pm=pm).step()
@@ -300,13 +301,13 @@ def _prune(recipe: Recipe, model, example, val, data: DataSplits, chance: float,
             finetune(model)
         report["prune"] = {"method": "uniform", "ratio": p.ratio, "plan_groups": sorted(plan)}
         return plan
-    result = prime(model, example, lambda m: accuracy(m, val), p.memory_saving, p.max_accuracy_drop, p.min_accuracy,
-                   rates=p.rates, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
+    result = prime(model, example, lambda m: accuracy(m, val), memory_saving=p.memory_saving,
+                   max_accuracy_drop=p.max_accuracy_drop, min_accuracy=p.min_accuracy, rates=p.rates, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
                    progress=progress, pm=pm, chance_accuracy=chance)
-    report["prune"] = result.report
-    if result.report["groups"]:
+    report["prune"] = result.report.to_dict()
+    if result.report.groups:
         plot_sensitivity(result.report, stage / "sensitivity.png")
-    return result.report["plan"]
+    return result.report.plan
 
 
 def _finetune(recipe: Recipe, data: DataSplits, progress: bool):

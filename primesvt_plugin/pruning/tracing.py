@@ -21,31 +21,21 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
-from spikingjelly.activation_based import base, functional
+from spikingjelly.activation_based import functional
+
+from .spiking import first_time_step, overridden_forward, step_modules, stepped_by_mode, time_step_owners
 
 
 def _passthrough(x, *args, **kwargs):
     return x * 1.0
 
 
-def _time_step_owners(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(getattr(m, "T", None)) is int]
 
 
-def _step_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, base.StepModule)]
 
 
-def stepped_by_mode(model: nn.Module) -> bool:
-    """True when the model has no ``T`` attribute and every SpikingJelly layer runs multi-step:
-    its input's first dimension is time only through ``step_mode`` (``parametric_lif_net``)."""
-    steps = _step_modules(model)
-    return not _time_step_owners(model) and bool(steps) and all(m.step_mode == "m" for m in steps)
 
 
-def time_steps(model: nn.Module) -> set[int]:
-    """The time-step counts (``T`` attributes) a model's modules declare."""
-    return {m.T for m in _time_step_owners(model)}
 
 
 @contextlib.contextmanager
@@ -65,21 +55,16 @@ def traceable_parameters(model: nn.Module) -> Iterator[None]:
 def single_step_view(model: nn.Module, passthrough: Iterable[nn.Module]) -> Iterator[None]:
     """Inside: T == 1 everywhere, ``passthrough`` modules forward their input unchanged and
     frozen parameters are traceable (see ``traceable_parameters``)."""
-    owners = {m: m.T for m in _time_step_owners(model)}
-    modes = {m: m.step_mode for m in _step_modules(model)} if stepped_by_mode(model) else {}
-    passthrough = list(passthrough)
+    owners = {m: m.T for m in time_step_owners(model)}
+    modes = {m: m.step_mode for m in step_modules(model)} if stepped_by_mode(model) else {}
     try:
-        with traceable_parameters(model):
+        with traceable_parameters(model), overridden_forward({m: _passthrough for m in passthrough}):
             for m in owners:
                 m.T = 1
             for m in modes:
                 m.step_mode = "s"
-            for m in passthrough:
-                m.forward = _passthrough  # instance attribute: shadows the class's forward
             yield
     finally:
-        for m in passthrough:
-            m.__dict__.pop("forward", None)
         for m, T in owners.items():
             m.T = T
         for m, mode in modes.items():
@@ -87,20 +72,8 @@ def single_step_view(model: nn.Module, passthrough: Iterable[nn.Module]) -> Iter
         functional.reset_net(model)
 
 
-def has_time_axis(model: nn.Module, inputs) -> bool:
-    """Whether ``inputs`` is time-major (``[T, N, ...]``) for ``model``: a ``[T, N, C, H, W]`` batch
-    whose T is one the model declares, or any batch of a model stepped by mode."""
-    if not isinstance(inputs, torch.Tensor):
-        return False
-    return (inputs.ndim == 5 and inputs.shape[0] in time_steps(model)) or (inputs.ndim >= 2 and stepped_by_mode(model))
 
 
-def first_time_step(model: nn.Module, inputs):
-    """What ``single_step_view(model)`` runs on: ``[T, N, ...]`` cut down to ``[1, N, ...]`` for a
-    model with ``T`` time steps, to ``[N, ...]`` for one stepped by mode; other inputs unchanged."""
-    if not has_time_axis(model, inputs):
-        return inputs
-    return inputs[0] if stepped_by_mode(model) else inputs[:1]
 
 
 def trace_forward_fn(passthrough: Iterable[nn.Module]):

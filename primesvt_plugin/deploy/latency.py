@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from .inference import inference
+from ..pruning.spiking import inference
 
 
 def median_ms(call: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 DATA_PATH_ARGS = ("path", "root")
 
@@ -51,6 +51,8 @@ class PruneSection(Section):
     ratio: float = Field(0.3, ge=0, lt=1, description="uniform method: ratio of every group")
     importance: str = "l2"
 
+    # Validators raise ValueError because pydantic expects it: it becomes a ValidationError, which
+    # load_recipe reports as a RecipeError naming the file and the field.
     @model_validator(mode="after")
     def _has_accuracy_budget(self) -> "PruneSection":
         if self.method == "prime" and self.max_accuracy_drop is None and self.min_accuracy is None:
@@ -75,6 +77,10 @@ class QuantizeSection(Section):
     method: str = "nncf_int8"
     calibration_size: int = Field(300, gt=0)
     args: dict[str, Any] = Field(default_factory=dict)
+    max_weight_fraction: float = Field(0.25, gt=0, description="check: the quantized weights of a pruned model are "
+                                                               "at most this fraction of the unpruned FP32 parameters")
+    max_accuracy_drop: float = Field(0.03, ge=0, description="check: the quantized model's test accuracy is at most "
+                                                             "this far below the unpruned FP32 model's")
 
 
 class ExportSection(Section):
@@ -151,7 +157,7 @@ def _field_path(error: dict) -> str:
     return ".".join(str(part) for part in error["loc"]) or "(top level)"
 
 
-SHIPPED = Path(__file__).parent / "recipes"  # package data: installed with the wheel
+SHIPPED = Path(__file__).parent.parent / "recipes"  # package data: installed with the wheel
 
 
 def shipped_recipes() -> dict[str, Path]:

@@ -15,11 +15,10 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
-from spikingjelly.activation_based import base
 
+from ..errors import ArgumentError
 from .channels import ChannelOp, channel_slices
-from .inference import inference
-from .tracing import has_time_axis
+from .spiking import inference, one_sample, stateful_modules
 
 
 @dataclass
@@ -38,26 +37,19 @@ class Footprint:
     def bytes_of(self, measure: str) -> int:
         """``parameters``: parameter bytes (the paper's memory); ``footprint``: + buffers + neuron state."""
         if measure not in MEASURES:
-            raise ValueError(f"memory measure must be one of {MEASURES}, got {measure!r}")
+            raise ArgumentError(f"memory measure must be one of {MEASURES}, got {measure!r}")
         return self.param_bytes if measure == "parameters" else self.total_bytes
 
 
 MEASURES = ("parameters", "footprint")
 
 
-def one_sample(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The first sample of a batch (``[N, ...]``, or ``[T, N, ...]`` for multi-step models)."""
-    if has_time_axis(model, inputs):
-        return inputs[:, :1]
-    return inputs[:1]
 
 
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def stateful_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, base.MemoryModule)]
 
 
 def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:

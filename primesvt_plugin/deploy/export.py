@@ -1,4 +1,4 @@
-"""Export spiking models for embedded runtimes: ONNX, OpenVINO IR, and INT8 through NNCF.
+"""Export spiking models for embedded runtimes: ONNX, OpenVINO IR (INT8 is in ``quantization.py``).
 
 SpikingJelly runs neurons through fused custom operators (``sj_lif::forward``)
 that no exporter can convert. While exporting, every stateful layer runs the
@@ -12,7 +12,7 @@ import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pluggy
@@ -20,11 +20,9 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from .inference import fresh_forward, inference
-from .errors import ArgumentError, ExportError
-from .memory import stateful_modules
-from .plugins import get_plugin_manager
-from .training import class_scores
+from ..errors import ArgumentError, ExportError
+from ..plugins import get_plugin_manager
+from ..pruning.spiking import class_scores, fresh_forward, inference, overridden_forward, stateful_modules
 
 
 class FreshStateModel(nn.Module):
@@ -55,16 +53,10 @@ def exportable(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Iter
         if getattr(layer, "step_mode", "m") != "m":
             raise ExportError(f"layer {names[layer]!r} is in single-step mode; export needs multi-step ('m')")
         forwards[layer] = forward
-    try:
-        for layer, forward in forwards.items():
-            layer.forward = forward
-        with inference(model), warnings.catch_warnings():
-            # The unrolled time loop and shape checks are constants for a fixed input shape.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            yield FreshStateModel(model)
-    finally:
-        for layer in forwards:
-            layer.__dict__.pop("forward", None)
+    with overridden_forward(forwards), inference(model), warnings.catch_warnings():
+        # The unrolled time loop and shape checks are constants for a fixed input shape.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield FreshStateModel(model)
 
 
 PRECISIONS = ("f32", "bf16", "f16")
@@ -214,18 +206,6 @@ def to_openvino(model: nn.Module, example_input: torch.Tensor, path: Path, pm=No
     verification.check("OpenVINO export", predict_compiled(compiled, verification.images),
                        compiled_precision(compiled))
     return save_openvino(ov_model, path)
-
-
-def quantize_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray],
-                  subset_size: int = 300, pm=None):
-    """Post-training INT8 quantization (weights and activations) with NNCF, on OpenVINO IR."""
-    import nncf
-
-    ov_model = to_openvino_model(model, example_input, pm)
-    batches = [np.asarray(batch, dtype=np.float32) for batch in calibration]
-    if not batches:
-        raise ExportError("INT8 quantization needs at least one calibration batch")
-    return nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=subset_size)
 
 
 def predict_compiled(compiled, images: np.ndarray, batch_size: int = 16) -> np.ndarray:

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..errors import UnhandledLayerError
+
 OUT = "out"
 IN = "in"
 
@@ -30,7 +32,8 @@ def tp_pruning_fn(layer: nn.Module, direction: str):
     """Torch-Pruning's function removing ``direction`` channels of a standard layer."""
     pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(layer))
     if pruner is None:
-        raise TypeError(f"Torch-Pruning has no pruner for {type(layer).__name__}")
+        raise UnhandledLayerError(f"Torch-Pruning has no pruner for {type(layer).__name__}: a layer an attention "
+                                  "layout lists must be a conv, linear or batch norm")
     return pruner.prune_out_channels if direction == OUT else pruner.prune_in_channels
 
 

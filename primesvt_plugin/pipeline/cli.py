@@ -14,8 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import Interrupted, PrimeSVTError, first_line
-from .plugins import get_plugin_manager
+from ..errors import Interrupted, PrimeSVTError, first_line
+from ..plugins import get_plugin_manager
 from .recipe import find_recipe, load_recipe
 
 EXIT_FAILED = 1
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 def _plugins() -> None:
     import textwrap
 
-    from .plugins import REGISTRIES, merged_registry, plugin_details
+    from ..plugins import plugin_details, registries
 
     def show(label: str, names: list[str], indent: int = 4) -> None:
         if names:
@@ -70,8 +70,8 @@ def _plugins() -> None:
         for what, names in row.registries.items():
             show(what, names)
     print("registries (all plugins):")
-    for what, hook in REGISTRIES.items():
-        show(what, sorted(merged_registry(pm, hook)))
+    for what, registry in registries(pm).all().items():
+        show(what, registry.names())
 
 
 def _stop_on_sigterm(signum, frame) -> None:

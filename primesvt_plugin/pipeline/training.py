@@ -8,15 +8,10 @@ from spikingjelly.activation_based import functional
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .inference import inference
+from ..errors import DataError
+from ..pruning.spiking import class_scores, inference
 
 
-def class_scores(outputs):
-    """``[N, K]`` scores from a model's outputs: multi-step ``[T, N, K]`` is averaged over time.
-
-    Works on torch tensors and numpy arrays (exported models' outputs) alike.
-    """
-    return outputs.mean(0) if outputs.ndim == 3 else outputs
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +30,7 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
             correct += int((logits(model, x).argmax(1) == y).sum())
             total += len(y)
     if total == 0:
-        raise ValueError("cannot measure accuracy on an empty dataset")
+        raise DataError("cannot measure accuracy on an empty dataset: the split has no samples")
     return correct / total
 
 

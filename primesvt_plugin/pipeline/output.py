@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from ..errors import OutputError
 
 REPORT = "report.json"
 RUN_FORMAT = "primesvt-run/1"  # report.json's "format": how a run's output folder is recognised

@@ -24,20 +24,11 @@ import torch.nn as nn
 import torch_pruning as tp
 from spikingjelly.activation_based import functional
 
-from .channels import bytes_per_channel
+from .accounting import ops_bytes, ops_of_tp_group
 
 KIB = 1024.0
 
 
-def ops_bytes(ops, neuron_state: dict) -> int:
-    """Bytes freed by a list of ChannelOps (parameters, buffers and neuron state)."""
-    total = 0
-    for op in ops:
-        if op.layer in neuron_state:
-            total += neuron_state[op.layer] * len(op.idxs) // max(op.of, 1)
-        else:
-            total += bytes_per_channel(op.layer, op.direction) * len(op.idxs)
-    return total
 
 
 def needs_gradients(importance) -> bool:
@@ -91,17 +82,15 @@ class MemoryAwareImportance(tp.importance.GroupMagnitudeImportance):
         self.memory_weight = memory_weight
 
     def bytes_per_channel(self, group: tp.dependency.Group) -> float:
-        from .graph import ops_of_tp_group  # graph imports importance's users; avoid a cycle
-
         size = len(group[0].root_idxs if group[0].root_idxs is not None else group[0].idxs)
         layouts = self.graph.layouts if self.graph else {}
         spiking = self.graph.spiking_types if self.graph else ()
         state = self.graph.state_bytes if self.graph else {}
-        channel_ops = getattr(group, "primesvt_channel_ops", None)  # an attention inner group (graph.py)
+        channel_ops = self.graph.inner_channel_ops(group) if self.graph else None  # attention q/k/v width
         if channel_ops is not None:
             ops = channel_ops(range(size))
         else:
-            ops = ops_of_tp_group(group, set(range(size)), layouts, spiking)
+            ops = ops_of_tp_group(group, set(range(size)), layouts, spiking, self.graph.DG if self.graph else None)
         return ops_bytes(ops, state) / size
 
     @torch.no_grad()

@@ -1,14 +1,19 @@
-"""What a quantizer hands back: an artifact that saves itself, predicts, and knows its size and speed."""
+"""Quantization: NNCF INT8 on the OpenVINO IR, and the artifact a quantizer hands back
+(it saves itself, predicts, and knows its size and speed)."""
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
+import torch
+import torch.nn as nn
 
-from .errors import CheckpointError, first_line
-from .export import compile_openvino, compiled_precision, predict_compiled, save_openvino
+from ..errors import CheckpointError, ExportError, first_line
+from .export import (compile_openvino, compiled_precision, predict_compiled, save_openvino,
+                     to_openvino_model)
 from .latency import median_ms
 
 
@@ -62,3 +67,21 @@ def load_quantized(path: str | Path, precision: str = "f32") -> OpenVINOArtifact
         raise CheckpointError(f"{path} is not a readable OpenVINO model (truncated or another format?): "
                               f"{first_line(error)}") from None
     return artifact
+
+
+def quantize_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray],
+                  subset_size: int = 300, pm=None):
+    """Post-training INT8 quantization (weights and activations) with NNCF, on OpenVINO IR."""
+    import nncf
+
+    ov_model = to_openvino_model(model, example_input, pm)
+    batches = [np.asarray(batch, dtype=np.float32) for batch in calibration]
+    if not batches:
+        raise ExportError("INT8 quantization needs at least one calibration batch")
+    return nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=subset_size)
+
+
+def nncf_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray],
+              subset_size: int = 300, inference_precision: str = "f32") -> OpenVINOArtifact:
+    """NNCF INT8 (weights and activations) on the OpenVINO IR of ``model``; float ops run at ``inference_precision``."""
+    return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size), inference_precision)

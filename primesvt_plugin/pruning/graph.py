@@ -18,11 +18,13 @@ import torch.nn as nn
 import torch_pruning as tp
 from spikingjelly.activation_based import functional
 
+from ..errors import UnhandledLayerError
+from ..plugins import get_plugin_manager
+from .accounting import attention_ops, ops_of_tp_group
 from .attention import INNER, WIDTH, AttentionLayout
-from .channels import IN, OUT, ChannelOp, expand_chunks, tp_pruning_fn
-from .errors import UnhandledLayerError
-from .memory import state_bytes, stateful_modules
-from .plugins import get_plugin_manager
+from .channels import ChannelOp, tp_pruning_fn
+from .memory import state_bytes
+from .spiking import stateful_modules
 from .tracing import trace_forward_fn
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -131,6 +133,12 @@ class SpikingGraph:
         self.output_layers = self._output_layers()
         self.ignored_layers = list(ignored_layers)
         self.state_bytes = state_bytes(model, example_inputs)
+        self._inner_channel_ops: dict[int, tuple] = {}
+
+    def inner_channel_ops(self, group: tp.dependency.Group) -> Callable[[Sequence[int]], list[ChannelOp]] | None:
+        """``channel_ops`` of the attention inner group whose ``importance_group`` is ``group``, else None."""
+        found = self._inner_channel_ops.get(id(group))
+        return found[1] if found and found[0] is group else None
 
     def metapruner_kwargs(self) -> dict:
         """Keyword arguments making ``tp.pruner.MetaPruner`` spiking-aware on this model.
@@ -237,7 +245,7 @@ class SpikingGraph:
         root_fn = group[0].dep.handler
 
         def channel_ops(root_idxs: Sequence[int]) -> list[ChannelOp]:
-            return ops_of_tp_group(group, set(int(i) for i in root_idxs), self.layouts, self.spiking_types)
+            return ops_of_tp_group(group, set(int(i) for i in root_idxs), self.layouts, self.spiking_types, self.DG)
 
         def prune(root_idxs: Sequence[int]) -> None:
             self.DG.get_pruning_group(root, root_fn, list(root_idxs)).prune(record_history=False)
@@ -259,45 +267,10 @@ class SpikingGraph:
             functional.reset_net(self.model)
 
         importance_group = _importance_group(layout.channel_ops(INNER, range(layout.inner)), layout.inner)
-        # Its neurons cannot be tp items (no tp pruner): MemoryAwareImportance reads their bytes from here.
-        importance_group.primesvt_channel_ops = channel_ops
+        # Its neurons cannot be tp items (no tp pruner): MemoryAwareImportance asks for them here.
+        self._inner_channel_ops[id(importance_group)] = (importance_group, channel_ops)
         return PruningGroup(f"{name}:qkv", layout.inner, layout.num_heads, importance_group,
                             channel_ops, prune, kind="attention-inner")
-
-
-def direction_of(handler) -> str:
-    """OUT or IN for a Torch-Pruning pruning function (coupled layers share the OUT function)."""
-    return OUT if getattr(handler, "__name__", "") == "prune_out_channels" else IN
-
-
-def ops_of_tp_group(group: tp.dependency.Group, selected: set[int], layouts: dict[nn.Module, AttentionLayout],
-                    spiking_types: tuple[type, ...]) -> list[ChannelOp]:
-    """The layer-level operations a Torch-Pruning group performs for root channels ``selected``."""
-    ops, seen = [], set()
-    for item in group:
-        module, direction = item.dep.target.module, direction_of(item.dep.handler)
-        if (id(module), direction) in seen or not isinstance(module, nn.Module):
-            continue
-        seen.add((id(module), direction))
-        idxs = tuple(i for i, r in zip(item.idxs, item.root_idxs) if r in selected)
-        if module in layouts:
-            ops += attention_ops(layouts[module], WIDTH, idxs)
-        elif isinstance(module, spiking_types):
-            ops.append(ChannelOp(module, OUT, idxs, of=len(item.idxs)))
-            ops += [ChannelOp(bn, OUT, idxs) for bn in module.modules()
-                    if isinstance(bn, nn.modules.batchnorm._BatchNorm)]  # e.g. MPBN neurons
-        elif tp.ops.module2type(module) in tp.pruner.function.PrunerBox:
-            ops.append(ChannelOp(module, direction, idxs))
-    return ops
-
-
-def attention_ops(layout: AttentionLayout, space: str, idxs: Sequence[int]) -> list[ChannelOp]:
-    """Layer operations (neurons included) removing channels ``idxs`` of an attention ``space``."""
-    ops = layout.channel_ops(space, idxs)
-    width = layout.width if space == WIDTH else layout.inner
-    for neuron, chunks in layout.neuron_channels(space):
-        ops.append(ChannelOp(neuron, OUT, expand_chunks(sorted(idxs), width, chunks), of=chunks * width))
-    return ops
 
 
 def _importance_group(ops: list[ChannelOp], size: int) -> tp.dependency.Group:

@@ -1,0 +1,1 @@
+"""Deployment: export (ONNX, OpenVINO, TorchScript), NNCF quantization, latency."""

@@ -1,0 +1,1 @@
+"""Recipes end to end: the recipe schema, data, training, the runner, reports and the CLI."""

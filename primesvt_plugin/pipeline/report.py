@@ -1,0 +1,71 @@
+"""Human-readable run reports: report.md and the sensitivity / memory figure."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..pruning.records import PrimeReport  # noqa: E402
+
+
+def _kib(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 1024:.1f} KiB"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    """report.md from a run's ``report.json`` content."""
+    lines = [f"# primesvt run: {report['recipe']}", "", f"Finished {report['finished']} in {report['seconds']:.1f} s.", ""]
+    lines += ["| stage | test accuracy | memory (FP32 params+buffers+state) | weight bytes | latency (batch 1) |",
+              "|---|---|---|---|---|"]
+    for stage in report["stages"]:
+        latency = stage.get("latency_ms")
+        lines.append(f"| {stage['stage']} | {_pct(stage.get('test_accuracy'))} | {_kib(stage.get('memory_bytes'))} "
+                     f"| {_kib(stage.get('weight_bytes'))} | {'-' if latency is None else f'{latency:.2f} ms'} |")
+    lines += ["", "## Checks", ""]
+    for name, check in report["checks"].items():
+        lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['detail']}")
+    if report.get("prune") and "groups" in report["prune"]:
+        lines += _groups_table(PrimeReport.from_dict(report["prune"]))
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in report["files"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _groups_table(prime: PrimeReport) -> list[str]:
+    lines = ["", f"## Pruning groups (largest first, by {prime.constraints.memory})", "",
+             "Bytes each group's channels touch; a layer shared by two groups (one's output, "
+             "the other's input channels) counts in both.", "",
+             "| group | channels | parameters | + neuron state | target rate | chosen rate | removed | freed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in prime.groups:
+        lines.append(f"| {g.name} | {g.channels} | {_kib(g.param_bytes)} | {_kib(g.memory_bytes)} "
+                     f"| {g.target_rate:.1f} | {g.chosen_rate:.1f} | {g.removed_channels} | {_kib(g.freed_bytes)} |")
+    return lines + ["", f"Policy: {prime.reason}; {prime.evaluations} evaluations; timings {prime.timings_s}."]
+
+
+def plot_sensitivity(prime: PrimeReport, path: Path) -> None:
+    """Accuracy vs pruning rate per group, and memory per group (chosen part shaded)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for g in prime.groups:
+        if g.sensitivity:
+            left.plot([t.rate for t in g.sensitivity], [t.accuracy for t in g.sensitivity], marker="o", label=g.name)
+    left.axhline(prime.constraints.accuracy_floor, color="k", linestyle="--", label="allowed floor")
+    left.set(xlabel="pruning rate (group alone)", ylabel="validation accuracy", title="Sensitivity")
+    left.legend(fontsize=6)
+    names = [g.name.split(".")[-1] if len(g.name) > 24 else g.name for g in prime.groups]
+    memory = prime.constraints.memory
+    right.barh(names, [g.size_bytes(memory) / 1024 for g in prime.groups], color="#bbb", label=memory)
+    right.barh(names, [g.freed_bytes / 1024 for g in prime.groups], color="#c33", label="freed")
+    right.invert_yaxis()
+    right.set(xlabel="KiB", title="Memory per group")
+    right.tick_params(axis="y", labelsize=6)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Pruning SpikingJelly models with Torch-Pruning: channels, graph, memory, importance, policy."""

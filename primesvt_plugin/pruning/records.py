@@ -1,0 +1,139 @@
+"""What ``prime()`` reports: typed records, serialised to the JSON a run writes.
+
+The runner, the markdown report, the sensitivity plot and the benchmarks all read
+these dataclasses; ``PrimeReport.to_dict()`` gives the ``prune`` section of
+``report.json`` (and ``PrimeReport.from_dict`` reads it back).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from .memory import Footprint
+
+
+@dataclass
+class Trial:
+    """One masked evaluation of a group alone: ``removed`` channels at ``rate``."""
+
+    rate: float
+    removed: int
+    accuracy: float
+
+
+@dataclass
+class GroupRecord:
+    """One pruning group: its size, its measured robustness and what the compression chose."""
+
+    name: str
+    kind: str  # "channels" | "attention-inner"
+    channels: int
+    channel_groups: int  # heads: every block loses the same count
+    memory_bytes: int  # parameters, buffers and neuron state the group's channels touch
+    param_bytes: int  # of which parameters and buffers
+    bytes_per_channel: float
+    sensitivity: list[Trial] = field(default_factory=list)
+    target_rate: float = 0.0  # highest rate of the group alone within the accuracy budget
+    chosen_rate: float = 0.0
+    removed_channels: int = 0
+    freed_bytes: int = 0
+
+    def size_bytes(self, memory: str) -> int:
+        """The bytes the ranking orders by: ``param_bytes`` for ``"parameters"``, else ``memory_bytes``."""
+        return self.param_bytes if memory == "parameters" else self.memory_bytes
+
+
+@dataclass
+class Constraints:
+    """What the user asked: a saving of ``memory`` within an accuracy budget."""
+
+    memory_saving: float
+    memory: str  # "parameters" | "footprint"
+    max_accuracy_drop: float | None
+    min_accuracy: float | None
+    accuracy_floor: float  # the stricter of baseline - max_accuracy_drop and min_accuracy
+
+
+@dataclass
+class Scored:
+    accuracy: float
+
+
+@dataclass
+class Measured(Scored):
+    memory: Footprint
+
+
+@dataclass
+class Pruned(Measured):
+    memory_saving: float  # of the measure the constraints name
+    footprint_saving: float
+    parameter_saving: float
+    predicted_memory: Footprint  # the ledger's prediction before pruning; equals ``memory``
+
+
+@dataclass
+class PrimeReport:
+    """Everything ``prime()`` decided and measured."""
+
+    constraints: Constraints
+    constraints_met: bool
+    reason: str
+    warnings: list[str]
+    baseline: Measured
+    pruned: Pruned
+    finetuned: Scored | None
+    groups: list[GroupRecord]  # largest first
+    plan: dict[str, list[int]]  # group name -> removed channels
+    evaluations: int
+    search_in_evaluation_passes: float
+    rates: list[float]
+    timings_s: dict[str, float]
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.pruned.accuracy if self.finetuned is None else self.finetuned.accuracy
+
+    def group(self, name: str) -> GroupRecord:
+        return next(g for g in self.groups if g.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: footprints with their ``total_bytes``, everything else as is."""
+        return _jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrimeReport":
+        """Read back ``to_dict()``'s output (e.g. ``report.json``'s ``prune`` section)."""
+        def footprint(d):
+            return Footprint(d["param_bytes"], d["buffer_bytes"], d["state_bytes"])
+
+        pruned = dict(data["pruned"], memory=footprint(data["pruned"]["memory"]),
+                      predicted_memory=footprint(data["pruned"]["predicted_memory"]))
+        groups = [GroupRecord(**dict(g, sensitivity=[Trial(**t) for t in g["sensitivity"]])) for g in data["groups"]]
+        return cls(**dict(data, constraints=Constraints(**data["constraints"]),
+                          baseline=Measured(data["baseline"]["accuracy"], footprint(data["baseline"]["memory"])),
+                          pruned=Pruned(**pruned), groups=groups,
+                          finetuned=None if data["finetuned"] is None else Scored(**data["finetuned"])))
+
+
+@dataclass
+class PrimeResult:
+    """The pruned model and the report of how it was pruned."""
+
+    model: nn.Module
+    report: PrimeReport
+
+
+def _jsonable(value):
+    if isinstance(value, Footprint):
+        return value.as_dict()
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
