@@ -29,11 +29,14 @@ from __future__ import annotations
 import copy
 
 import json
+import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from hypothesis import given
+from hypothesis import strategies as st
 from spikingjelly.activation_based import neuron
 from spikingjelly.activation_based.model import spikformer
 
@@ -50,6 +53,7 @@ from primesvt_plugin.pruning.memory import Footprint, LedgerState, one_sample, s
 from primesvt_plugin.pruning.policy import prime
 from primesvt_plugin.plugins import hookimpl
 from primesvt_plugin.pruning.pruner import apply_plan
+from primesvt_plugin.pruning.search import highest_feasible, rate_grid, removal_counts
 from primesvt_plugin.pruning.records import Constraints, PrimeReport, Scored, Trial
 
 U = 1 / 64  # one unit of "accuracy"
@@ -114,7 +118,12 @@ def per_channel(cost1: float, cost2: float):
 
 
 def run_prime(evaluate, rates=(0.25, 0.5, 0.75), model=None, **kwargs):
+    """prime() on the toy model; by default the paper's exact algorithm (every rate tried in
+    order, chosen groups at their highest feasible rate); the tests of the cheaper search and of
+    the exact target pass ``search`` / ``objective`` themselves."""
     kwargs.setdefault("memory_saving", 0.2)
+    kwargs.setdefault("objective", "max_saving")
+    kwargs.setdefault("search", "sweep")
     if "min_accuracy" not in kwargs:
         kwargs.setdefault("max_accuracy_drop", 8 * U)
     return prime(model or net(), inputs(), evaluate, rates=rates, progress=False, **kwargs)
@@ -253,7 +262,9 @@ def test_compression_stops_once_the_saving_is_reached():
     groups = records(report)
     assert report.plan == {"conv2": list(range(8))}
     assert groups["conv2"].target_rate == groups["conv2"].chosen_rate == 0.5
-    assert groups["conv1"].target_rate == 0.75 and groups["conv1"].chosen_rate == 0.0
+    # conv1 is never reached, so never measured: no trial, no target
+    assert groups["conv1"].sensitivity == [] and groups["conv1"].evaluations == 0
+    assert groups["conv1"].target_rate == 0.0 and groups["conv1"].chosen_rate == 0.0
     assert groups["conv1"].removed_channels == 0 and groups["conv2"].removed_channels == 8
     assert report.constraints_met
     assert report.pruned.memory_saving == 8 * CONV2_PARAM_BYTES / PARAMS
@@ -305,7 +316,10 @@ def test_sensitivity_sweep_stops_at_the_first_rate_below_the_floor():
     conv2 = records(report)["conv2"].sensitivity
     assert [s.removed for s in conv2] == [4, 8, 12] and conv2[-1].accuracy == 1 - 12 * U
     assert records(report)["conv2"].target_rate == 0.5
-    assert report.evaluations == 1 + 2 + 3 + 2 + 1  # baseline, sweeps, compression (conv2, conv1), pruned
+    # baseline, conv2's sweep (3), conv2's compression at 0.5 (= its sweep trial: reused), conv1's sweep (2)
+    # on top of conv2 lifted, conv1's compression at 0.25 (combined: evaluated), pruned
+    assert report.evaluations == 1 + 3 + 0 + 2 + 1 + 1
+    assert records(report)["conv2"].evaluations == 3 and records(report)["conv1"].evaluations == 3
 
 
 def test_rates_that_round_to_the_same_count_are_tried_once():
@@ -831,7 +845,7 @@ def test_prime_accepts_limit_values():
     report = run_prime(per_channel(0, 0), memory_saving=0, max_accuracy_drop=0, min_accuracy=-5,
                        rates=(0.5, 0.5)).report
     assert report.constraints == Constraints(memory_saving=0, memory="parameters", max_accuracy_drop=0,
-                                             min_accuracy=-5, accuracy_floor=1.0)
+                                             min_accuracy=-5, accuracy_floor=1.0, objective="max_saving")
     assert report.rates == [0.5]
 
 
@@ -915,50 +929,55 @@ def test_report_timings_are_within_the_call():
     clock = time.perf_counter()
     report = run_prime(per_channel(0, U), memory_saving=0.3, finetune=lambda model: None).report
     wall = time.perf_counter() - clock
-    assert set(report.timings_s) == {"trace_and_rank", "one_evaluation", "sensitivity", "compression", "prune",
-                                        "finetune"}
+    assert set(report.timings_s) == {"trace_and_rank", "one_evaluation", "search", "prune", "finetune"}
     assert all(0 <= t <= wall + 0.001 for t in report.timings_s.values())
     assert 0 < report.search_in_evaluation_passes
 
 
 def test_the_whole_report_on_a_known_case():
-    """Every field, from the hand-computed bytes (module docstring) and the cost of each channel."""
+    """Every field, from the hand-computed bytes (module docstring) and the cost of each channel,
+    with prime()'s defaults: bisection, and a plan that stops at the asked saving.
+
+    conv2 (first by parameters) frees 160 B a channel: 30% of 2732 B needs 6 channels
+    (5 free 29.3%). Bisection over its rates' counts [4, 8, 12]: 8 feasible (1 - 8/64 is the
+    floor), 12 not: target 8. Capped at 6, checked once on the model; conv1 is never reached."""
     calls = []
-    typed = run_prime(per_channel(0, U), memory_saving=0.3, finetune=lambda model: calls.append(model.training)).report
+    typed = run_prime(per_channel(0, U), memory_saving=0.3, objective="target", search="bisect",
+                      finetune=lambda model: calls.append(model.training)).report
     assert calls == [True]  # fine-tuned once, in train mode
     assert PrimeReport.from_dict(json.loads(json.dumps(typed.to_dict()))) == typed  # report.json reads back
     report = typed.to_dict()
     report.pop("timings_s")
     assert report.pop("search_in_evaluation_passes") > 0
-    after = Footprint(PARAMS - 8 * CONV2_PARAM_BYTES, 0, STATE - 8 * 64)
+    after = Footprint(PARAMS - 6 * CONV2_PARAM_BYTES, 0, STATE - 6 * 64)
     conv2 = {"name": "conv2", "kind": "channels", "channels": 16, "channel_groups": 1, "memory_bytes": 16 * CONV2_BYTES,
              "param_bytes": 16 * CONV2_PARAM_BYTES, "bytes_per_channel": float(CONV2_BYTES),
-             "sensitivity": [{"rate": 0.25, "removed": 4, "accuracy": 1 - 4 * U},
-                             {"rate": 0.5, "removed": 8, "accuracy": 1 - 8 * U},
+             "sensitivity": [{"rate": 0.5, "removed": 8, "accuracy": 1 - 8 * U},
                              {"rate": 0.75, "removed": 12, "accuracy": 1 - 12 * U}],
-             "target_rate": 0.5, "chosen_rate": 0.5, "removed_channels": 8, "freed_bytes": 8 * CONV2_PARAM_BYTES}
+             "target_rate": 0.5, "chosen_rate": 6 / 16, "removed_channels": 6, "freed_bytes": 6 * CONV2_PARAM_BYTES,
+             "evaluations": 3}
     conv1 = {"name": "conv1", "kind": "channels", "channels": 4, "channel_groups": 1, "memory_bytes": 4 * CONV1_BYTES,
-             "param_bytes": 4 * CONV1_PARAM_BYTES, "bytes_per_channel": float(CONV1_BYTES),
-             "sensitivity": [{"rate": r, "removed": n, "accuracy": 1.0} for r, n in ((0.25, 1), (0.5, 2), (0.75, 3))],
-             "target_rate": 0.75, "chosen_rate": 0.0, "removed_channels": 0, "freed_bytes": 0}
+             "param_bytes": 4 * CONV1_PARAM_BYTES, "bytes_per_channel": float(CONV1_BYTES), "sensitivity": [],
+             "target_rate": 0.0, "chosen_rate": 0.0, "removed_channels": 0, "freed_bytes": 0, "evaluations": 0}
+    saving = 1 - after.param_bytes / PARAMS
     assert report == {
         "constraints": {"memory_saving": 0.3, "memory": "parameters", "max_accuracy_drop": 8 * U, "min_accuracy": None,
-                        "accuracy_floor": 1 - 8 * U},
+                        "accuracy_floor": 1 - 8 * U, "objective": "target", "round_to": 1},
         "constraints_met": True,
-        "reason": "memory saving 46.85% >= 30.00% with accuracy 0.8750 >= 0.8750",
+        "reason": f"memory saving {saving:.2%} >= 30.00% with accuracy {1 - 6 * U:.4f} >= {1 - 8 * U:.4f}",
         "warnings": [],
         "baseline": {"accuracy": 1.0, "memory": Footprint(PARAMS, 0, STATE).as_dict()},
-        "pruned": {"accuracy": 1 - 8 * U, "memory": after.as_dict(),
-                   "memory_saving": 1 - after.param_bytes / PARAMS,
-                   "footprint_saving": 1 - after.total_bytes / (PARAMS + STATE),
-                   "parameter_saving": 1 - after.param_bytes / PARAMS,
+        "pruned": {"accuracy": 1 - 6 * U, "memory": after.as_dict(), "memory_saving": saving,
+                   "footprint_saving": 1 - after.total_bytes / (PARAMS + STATE), "parameter_saving": saving,
                    "predicted_memory": after.as_dict()},
-        "finetuned": {"accuracy": 1 - 8 * U},
+        "finetuned": {"accuracy": 1 - 6 * U},
         "groups": [conv2, conv1],
-        "plan": {"conv2": list(range(8))},
-        "evaluations": 1 + 3 + 3 + 1 + 1 + 1,  # baseline, two sweeps, compression, pruned, fine-tuned
+        "plan": {"conv2": list(range(6))},
+        "evaluations": 1 + 3 + 1 + 1,  # baseline, conv2's trials, pruned, fine-tuned
         "rates": [0.25, 0.5, 0.75],
+        "search": "bisect",
     }
+    assert 0.3 <= saving < 0.3 + CONV2_PARAM_BYTES / PARAMS  # one channel fewer would miss the target
 
 
 def test_fine_tuning_that_loses_accuracy_is_reported():
@@ -990,7 +1009,7 @@ def test_compression_stops_at_exactly_the_wanted_saving():
     wanted = 1.0 - (PARAMS - 8 * CONV2_PARAM_BYTES) / PARAMS  # conv2 at 0.5, computed as prime() does
     report = run_prime(per_channel(0, U), memory_saving=wanted).report
     assert report.plan == {"conv2": list(range(8))} and report.constraints_met
-    assert report.evaluations == 1 + 3 + 3 + 1 + 1
+    assert report.evaluations == 1 + 3 + 1  # baseline, conv2's sweep (its compression trial reused), pruned
 
 
 # -- more layers: tied attention, neurons with a batch norm, time steps ----------------------
@@ -1096,7 +1115,7 @@ def test_fine_tuning_below_the_floor_at_exactly_the_wanted_saving():
 def test_the_progress_bar_counts_the_sweep(capsys):
     prime(net(), inputs(), per_channel(0, U), memory_saving=0.3, max_accuracy_drop=8 * U, rates=(0.25, 0.5, 0.75))
     err = capsys.readouterr().err
-    assert err.startswith("\rsensitivity:   0%|") and "| 0/6 [" in err  # 2 groups x 3 rates
+    assert err.startswith("\rsearch:   0%|") and "| 0/2 [" in err  # 2 groups
     assert not err.endswith("\n")  # the bar leaves no line behind
     run_prime(per_channel(0, U), memory_saving=0.3)
     assert capsys.readouterr().err == ""
@@ -1175,3 +1194,75 @@ def test_removable_counts_are_whole_numbers_and_ops_bytes_too():
     assert type(ops_bytes([ChannelOp(model.lif1, OUT, (0,), of=3)], state)) is int
     assert ops_bytes([ChannelOp(model.lif1, OUT, (0,), of=3)], state) == 4096 // 3
     assert ops_bytes([ChannelOp(model.lif1, OUT, (0,), of=1)], {model.lif1: 4}) == 4
+
+
+# -- exact targets and the cheaper search (search.py) -------------------------------------------
+
+
+@pytest.mark.parametrize("cost1, cost2", [(0, U), (2 * U, U), (2 * U, U / 2), (U, 0), (0, 0), (4 * U, 2 * U)])
+@pytest.mark.parametrize("objective", ["target", "max_saving"])
+@pytest.mark.parametrize("saving", [0.1, 0.3, 0.6, 0.9])
+def test_bisection_finds_the_sweeps_plan_with_no_more_evaluations(cost1, cost2, objective, saving):
+    """Accuracy falls with every removed channel here, so bisection must reach the plan the full sweep
+    reaches, at no more evaluations (rates 0.1 ... 0.9: 9 rates, up to 4 distinct counts on conv1)."""
+    rates = [r / 10 for r in range(1, 10)]
+    runs = {search: run_prime(per_channel(cost1, cost2), rates=rates, memory_saving=saving, objective=objective,
+                              search=search).report for search in ("sweep", "bisect")}
+    assert runs["bisect"].plan == runs["sweep"].plan
+    assert runs["bisect"].pruned == runs["sweep"].pruned
+    assert runs["bisect"].evaluations <= runs["sweep"].evaluations
+
+
+def test_target_objective_stops_at_the_asked_saving_and_max_saving_overshoots():
+    """conv2's target is 0.5 (8 channels, 46.9%); 20% needs only 4 channels (23.4%)."""
+    target = run_prime(per_channel(0, U), memory_saving=0.2, objective="target").report
+    paper = run_prime(per_channel(0, U), memory_saving=0.2, objective="max_saving").report
+    assert target.plan == {"conv2": [0, 1, 2, 3]} and paper.plan == {"conv2": list(range(8))}
+    assert 0.2 <= target.pruned.memory_saving < 0.2 + CONV2_PARAM_BYTES / PARAMS
+    assert paper.pruned.memory_saving == 8 * CONV2_PARAM_BYTES / PARAMS
+    assert target.pruned.accuracy > paper.pruned.accuracy and target.constraints_met and paper.constraints_met
+
+
+def test_round_to_keeps_aligned_widths_and_the_ledger_counts_them():
+    """round_to=8: conv2 (16) may keep 8 only, so 30% (6 channels exactly) takes 8; conv1 (4) cannot keep a
+    multiple of 8 and is never pruned."""
+    result = run_prime(per_channel(0, U), memory_saving=0.3, objective="target", search="bisect", round_to=8)
+    assert result.report.plan == {"conv2": list(range(8))}
+    assert result.model.conv2.out_channels == 8 and result.model.conv1.out_channels == 4
+    assert result.report.pruned.predicted_memory == result.report.pruned.memory
+    assert result.report.constraints.round_to == 8
+
+
+def test_removal_counts_are_whole_heads_leave_a_channel_and_respect_round_to():
+    model, x = net(), inputs()
+    conv2 = {g.name: g for g in SpikingGraph(model, x).groups()}["conv2"]
+    assert removal_counts(conv2) == list(range(1, 16))
+    assert removal_counts(conv2, round_to=4) == [4, 8, 12]
+    headed = PruningGroup("h", 12, 3, None, None, None)  # 3 heads of 4: every head loses the same count
+    assert removal_counts(headed) == [3, 6, 9] and removal_counts(headed, round_to=6) == [6]
+    assert removal_counts(PruningGroup("w", 12, 1, None, None, None), round_to=8) == [4]  # keeps 8, not removes 8
+    assert rate_grid(headed, [0.1, 0.3, 0.5, 0.55, 0.9], removal_counts(headed)) == [(0.3, 3), (0.5, 6), (0.9, 9)]
+
+
+@given(st.lists(st.booleans(), max_size=12).map(lambda flags: sorted(flags, reverse=True)))
+def test_highest_feasible_by_bisection_equals_the_scan(flags):
+    """On any monotone predicate (True then False) both find the last True; bisection asks fewer questions."""
+    asked = {True: [], False: []}
+
+    def feasible_for(bisect):
+        return lambda i: asked[bisect].append(i) or flags[i]
+
+    indices = list(range(len(flags)))
+    expected = sum(flags) - 1
+    assert highest_feasible(indices, feasible_for(True), bisect=True) == expected
+    assert highest_feasible(indices, feasible_for(False), bisect=False) == expected
+    assert len(asked[True]) <= max(len(asked[False]), math.ceil(math.log2(len(flags) + 1)))
+
+
+@pytest.mark.parametrize("bad", [dict(objective="most"), dict(search="random"), dict(round_to=0),
+                                 dict(round_to=2.0), dict(round_to=True)], ids=repr)
+def test_search_options_are_checked(bad):
+    from primesvt_plugin.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=next(iter(bad))):
+        run_prime(per_channel(0, 0), **bad)

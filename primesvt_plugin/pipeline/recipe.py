@@ -50,6 +50,12 @@ class PruneSection(Section):
     rates: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     ratio: float = Field(0.3, ge=0, lt=1, description="uniform method: ratio of every group")
     importance: str = "l2"
+    objective: Literal["target", "max_saving"] = Field(
+        "target", description="target: stop at memory_saving (the last group loses only what reaches it); "
+                              "max_saving: every chosen group at its highest feasible rate (the paper)")
+    round_to: int = Field(1, ge=1, description="kept widths are multiples of this (8 or 16 for SIMD targets)")
+    search: Literal["bisect", "sweep"] = Field("bisect", description="bisect: each highest feasible rate by "
+                                                                     "bisection; sweep: every rate in order")
 
     # Validators raise ValueError because pydantic expects it: it becomes a ValidationError, which
     # load_recipe reports as a RecipeError naming the file and the field.

@@ -302,7 +302,8 @@ def _prune(recipe: Recipe, model, example, val, data: DataSplits, chance: float,
         report["prune"] = {"method": "uniform", "ratio": p.ratio, "plan_groups": sorted(plan)}
         return plan
     result = prime(model, example, lambda m: accuracy(m, val), memory_saving=p.memory_saving,
-                   max_accuracy_drop=p.max_accuracy_drop, min_accuracy=p.min_accuracy, rates=p.rates, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
+                   max_accuracy_drop=p.max_accuracy_drop, min_accuracy=p.min_accuracy, rates=p.rates,
+                   objective=p.objective, round_to=p.round_to, search=p.search, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
                    progress=progress, pm=pm, chance_accuracy=chance)
     report["prune"] = result.report.to_dict()
     if result.report.groups:

@@ -85,6 +85,15 @@ class LedgerState:
         self.neuron_removed: dict[nn.Module, set[int]] = {}
         self.neuron_width: dict[nn.Module, int] = {}
 
+    def copy(self) -> "LedgerState":
+        """An independent ledger in the same state (for "what if" predictions)."""
+        twin = LedgerState.__new__(LedgerState)
+        twin.model, twin.neuron_state, twin.entries = self.model, self.neuron_state, self.entries
+        twin.alive = {key: alive.clone() for key, alive in self.alive.items()}
+        twin.neuron_removed = {neuron: set(removed) for neuron, removed in self.neuron_removed.items()}
+        twin.neuron_width = dict(self.neuron_width)
+        return twin
+
     def remove(self, op: ChannelOp) -> None:
         """Account for removing the channels of ``op``."""
         if op.layer in self.neuron_state:

@@ -2,16 +2,18 @@
 
 1. *Rank* the pruning groups by the memory they hold (parameters, buffers and
    neuron state, see ``memory.py``).
-2. *Measure robustness*: for each group alone, mask the lowest-L2 channels at
-   increasing rates and evaluate, until accuracy drops more than allowed.
-   A group's *target* is its highest rate within the allowed drop.
+2. *Measure robustness*: a group's *target* is its highest rate, alone, within
+   the allowed drop.
 3. *Compress by priority*: from the largest group to the smallest, keep the
    highest rate (at most the target) that keeps the *combined* accuracy within
-   the allowed drop, until the wanted memory saving is reached.
+   the allowed drop, until the wanted memory saving is reached (and, by default,
+   no further: the last group loses only what reaches it).
 4. *Prune once*: remove all chosen channels structurally (L2 per channel, heads
    aligned), verify, and optionally fine-tune.
 
-Trials use channel masks (``masking.py``): no deep copies, no re-tracing.
+Steps 2 and 3 are ``search.py`` (bisection, groups measured only when reached);
+trials use channel masks (``masking.py``): no deep copies, no re-tracing.
+This module validates the arguments, sets the search up, applies and reports.
 """
 from __future__ import annotations
 
@@ -29,15 +31,14 @@ import pluggy
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from tqdm.auto import tqdm
 
 from ..errors import ArgumentError, EvaluationError
 from .accounting import ops_bytes
 from .graph import PruningGroup, SpikingGraph
 from .importance import example_gradients, needs_gradients
-from .masking import Masks
 from .memory import MEASURES, Footprint, LedgerState, footprint
 from .pruner import apply_plan
+from .search import OBJECTIVES, SEARCHES, PlanSearch
 from .records import Constraints, GroupRecord, Measured, PrimeReport, PrimeResult, Pruned, Scored, Trial
 from .spiking import fresh_forward, inference
 
@@ -83,6 +84,11 @@ def _check_number(name: str, value, low: float = -math.inf) -> None:
         raise ArgumentError(f"{name} must be a finite number >= {low}, got {value!r}")
 
 
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 def _check_example_inputs(model: nn.Module, example_inputs) -> None:
     """Refuse an example input the model cannot run on, naming its shape and the model's error."""
     if not isinstance(example_inputs, torch.Tensor):
@@ -108,7 +114,8 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
           importance: tp.importance.Importance | None = None,
           finetune: Callable[[nn.Module], None] | None = None, ignored_layers: Sequence[nn.Module] = (),
           inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None,
-          chance_accuracy: float | None = None) -> PrimeResult:
+          chance_accuracy: float | None = None, objective: str = "target", round_to: int = 1,
+          search: str = "bisect") -> PrimeResult:
     """Prune ``model`` to save ``memory_saving`` of its memory within an accuracy budget.
 
     ``evaluate(model) -> float`` scores the model (higher is better, e.g. accuracy
@@ -124,8 +131,19 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     An ``importance`` that reads gradients (Taylor) gets them from one forward and
     backward pass on ``example_inputs`` in eval mode, loss ``mean(output ** 2)``
     (``importance.example_gradients``); the parameters' ``.grad`` is put back afterwards.
+
+    ``objective="target"`` stops at the asked saving (the last group chosen loses the
+    fewest channels that reach it); ``"max_saving"`` takes every chosen group at its
+    highest feasible rate, as the paper does (more saving, more accuracy spent).
+    ``round_to`` keeps every pruned width a multiple of it (e.g. 8 or 16 for SIMD
+    hardware). ``search="bisect"`` finds each highest feasible rate by bisection;
+    ``"sweep"`` tries the rates in order (same plan when accuracy falls with the rate).
     """
     rates = _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates)
+    _check_choice("objective", objective, OBJECTIVES)
+    _check_choice("search", search, SEARCHES)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ArgumentError(f"round_to must be a positive integer, got {round_to!r}")
     was_training = model.training
     if not inplace:
         copies: dict[int, object] = {}
@@ -133,16 +151,16 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
         ignored_layers = [copies.get(id(layer), layer) for layer in ignored_layers]  # the copy's own layers
     model.eval()
     try:
-        search = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, pm)
-        constraints = search.constraints(memory_saving, max_accuracy_drop, min_accuracy)
-        warnings = _chance_warnings(search.baseline, chance_accuracy)
+        state = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, pm)
+        constraints = state.constraints(memory_saving, max_accuracy_drop, min_accuracy, objective, round_to)
+        warnings = _chance_warnings(state.baseline, chance_accuracy)
         for warning in warnings:
             log.warning(warning)
-        plan, predicted = search.run(rates if memory_saving > 0 else [], constraints, progress)  # 0: nothing to save
-        outcome = search.apply(plan, finetune)
+        plan, predicted = state.run(rates if memory_saving > 0 else [], constraints, search, progress)  # 0: no search
+        outcome = state.apply(plan, finetune)
     finally:
         model.train(was_training)
-    return PrimeResult(model, _report(search, constraints, warnings, plan, predicted, outcome, rates))
+    return PrimeResult(model, _report(state, constraints, warnings, plan, predicted, outcome, rates, search))
 
 
 def _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates) -> list[float]:
@@ -207,31 +225,22 @@ class _Search:
         search.timings["one_evaluation"] = time.perf_counter() - clock
         return search
 
-    def constraints(self, memory_saving, max_accuracy_drop, min_accuracy) -> Constraints:
+    def constraints(self, memory_saving, max_accuracy_drop, min_accuracy, objective, round_to) -> Constraints:
         floors = [] if max_accuracy_drop is None else [self.baseline - max_accuracy_drop]
         floor = max(floors + ([] if min_accuracy is None else [min_accuracy]))  # the stricter wins
-        return Constraints(memory_saving, self.memory, max_accuracy_drop, min_accuracy, floor)
+        return Constraints(memory_saving, self.memory, max_accuracy_drop, min_accuracy, floor, objective, round_to)
 
-    def plan_for(self, group: PruningGroup, rate: float) -> list[int]:
-        """The channels ``rate`` removes from ``group``: the lowest-scored, head-aligned."""
-        return group.select(self.scores[group.name], group.removable(rate))
-
-    def run(self, rates: list[float], constraints: Constraints, progress: bool) -> tuple[dict[str, list[int]], Footprint]:
-        """Measure each group's robustness, then compress largest first; returns the plan and its footprint."""
-        searched = self.groups if rates else []
-        masks = Masks()
-        try:
-            clock = time.perf_counter()
-            _measure_sensitivity(searched, rates, self.records, self.plan_for, masks, self.evaluate,
-                                 constraints.accuracy_floor, progress)
-            self.timings["sensitivity"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            result = _compress(searched, self.records, self.plan_for, masks, self.evaluate, constraints.accuracy_floor,
-                               LedgerState(self.model, self.graph.state_bytes), self.before,
-                               constraints.memory_saving, self.memory)
-            self.timings["compression"] = time.perf_counter() - clock
-        finally:
-            masks.clear()
+    def run(self, rates: list[float], constraints: Constraints, search: str,
+            progress: bool) -> tuple[dict[str, list[int]], Footprint]:
+        """Find the plan (``search.py``); returns it and its predicted footprint."""
+        clock = time.perf_counter()
+        plan_search = PlanSearch(
+            self.groups if rates else [], self.records, lambda group, count: group.select(self.scores[group.name], count),
+            self.evaluate, constraints.accuracy_floor, LedgerState(self.model, self.graph.state_bytes), self.before,
+            self.memory, constraints.memory_saving, rates, objective=constraints.objective, bisect=search == "bisect",
+            round_to=constraints.round_to, progress=progress)
+        result = plan_search.run()
+        self.timings["search"] = time.perf_counter() - clock
         return result
 
     def apply(self, plan: dict[str, list[int]], finetune) -> _Outcome:
@@ -253,14 +262,14 @@ class _Search:
 
 
 def _report(search: _Search, constraints: Constraints, warnings: list[str], plan, predicted: Footprint,
-            outcome: _Outcome, rates: list[float]) -> PrimeReport:
+            outcome: _Outcome, rates: list[float], search_method: str) -> PrimeReport:
     before, after, memory = search.before, outcome.after, search.memory
     saving = 1.0 - after.bytes_of(memory) / before.bytes_of(memory)
     final = outcome.pruned_accuracy if outcome.finetuned_accuracy is None else outcome.finetuned_accuracy
     floor = constraints.accuracy_floor
     met = saving >= constraints.memory_saving - 1e-9 and final >= floor - 1e-9 and not warnings
     records = [search.records[g.name] for g in search.groups]
-    at_highest_rate = all(r.chosen_rate == rates[-1] for r in records)
+    at_highest_rate = all(r.chosen_rate == rates[-1] for r in records)  # every group at the last rate
     seconds = search.timings
     return PrimeReport(
         constraints=constraints, constraints_met=met,
@@ -273,9 +282,8 @@ def _report(search: _Search, constraints: Constraints, warnings: list[str], plan
                       parameter_saving=1.0 - after.param_bytes / before.param_bytes, predicted_memory=predicted),
         finetuned=None if outcome.finetuned_accuracy is None else Scored(outcome.finetuned_accuracy),
         groups=records, plan=plan, evaluations=search.evaluate.calls,
-        search_in_evaluation_passes=(seconds.get("sensitivity", 0.0) + seconds.get("compression", 0.0))
-        / max(seconds["one_evaluation"], 1e-9),
-        rates=rates, timings_s={k: round(v, 3) for k, v in seconds.items()},
+        search_in_evaluation_passes=seconds.get("search", 0.0) / max(seconds["one_evaluation"], 1e-9),
+        rates=rates, timings_s={k: round(v, 3) for k, v in seconds.items()}, search=search_method,
     )
 
 
@@ -284,52 +292,6 @@ def _record(group: PruningGroup, graph: SpikingGraph) -> GroupRecord:
     memory = ops_bytes(ops, graph.state_bytes)
     params = ops_bytes([op for op in ops if op.layer not in graph.state_bytes], {})
     return GroupRecord(group.name, group.kind, group.size, group.channel_groups, memory, params, memory / group.size)
-
-
-def _measure_sensitivity(groups, rates, records, plan_for, masks, evaluate_model, floor, progress) -> None:
-    bar = tqdm(total=len(groups) * len(rates), desc="sensitivity", disable=not progress, leave=False)
-    for group in groups:
-        record = records[group.name]
-        for rate in rates:
-            bar.update(1)
-            idxs = plan_for(group, rate)
-            if not idxs or (record.sensitivity and len(idxs) == record.sensitivity[-1].removed):
-                continue  # rounds to nothing new (head blocks, tiny groups)
-            masks.trial(group.channel_ops(idxs))
-            accuracy = evaluate_model()
-            masks.undo_trial()
-            record.sensitivity.append(Trial(rate, len(idxs), accuracy))
-            if accuracy < floor:
-                break  # higher rates of a group only hurt more: stop early
-            record.target_rate = rate
-    bar.close()
-
-
-def _compress(groups, records, plan_for, masks, evaluate_model, floor, ledger: LedgerState,
-              before: Footprint, memory_saving: float, memory: str) -> tuple[dict[str, list[int]], Footprint]:
-    plan: dict[str, list[int]] = {}
-    predicted = before
-    for group in groups:  # largest memory first
-        if 1.0 - predicted.bytes_of(memory) / before.bytes_of(memory) >= memory_saving:
-            break
-        record = records[group.name]
-        feasible = [t.rate for t in record.sensitivity if t.accuracy >= floor]
-        for rate in sorted(feasible, reverse=True):
-            idxs = plan_for(group, rate)
-            ops = group.channel_ops(idxs)
-            masks.trial(ops)
-            if evaluate_model() >= floor:
-                masks.commit()
-                for op in ops:  # accepted for good: the ledger only ever records accepted removals
-                    ledger.remove(op)
-                after = ledger.footprint()
-                record.freed_bytes = predicted.bytes_of(memory) - after.bytes_of(memory)
-                predicted = after
-                record.chosen_rate, record.removed_channels = rate, len(idxs)
-                plan[group.name] = idxs
-                break
-            masks.undo_trial()
-    return plan, predicted
 
 
 def _reason(met, saving, wanted, accuracy, floor, n_groups, at_highest_rate: bool = False) -> str:

@@ -40,6 +40,7 @@ class GroupRecord:
     chosen_rate: float = 0.0
     removed_channels: int = 0
     freed_bytes: int = 0
+    evaluations: int = 0  # masked trials of this group (robustness and compression)
 
     def size_bytes(self, memory: str) -> int:
         """The bytes the ranking orders by: ``param_bytes`` for ``"parameters"``, else ``memory_bytes``."""
@@ -55,6 +56,8 @@ class Constraints:
     max_accuracy_drop: float | None
     min_accuracy: float | None
     accuracy_floor: float  # the stricter of baseline - max_accuracy_drop and min_accuracy
+    objective: str = "target"  # "target": stop at the asked saving; "max_saving": the paper's whole targets
+    round_to: int = 1  # kept widths are multiples of this
 
 
 @dataclass
@@ -88,10 +91,11 @@ class PrimeReport:
     finetuned: Scored | None
     groups: list[GroupRecord]  # largest first
     plan: dict[str, list[int]]  # group name -> removed channels
-    evaluations: int
+    evaluations: int  # every call of evaluate, the baseline and the final ones included
     search_in_evaluation_passes: float
     rates: list[float]
     timings_s: dict[str, float]
+    search: str = "bisect"  # "bisect" | "sweep"
 
     @property
     def final_accuracy(self) -> float:
