@@ -1,6 +1,6 @@
 """PrimeSVT vs uniform L2, global L2 and random pruning at equal parameter-memory saving, on digits.
 
-    python benchmarks/digits.py [--quick] [--seeds 0 1 2]
+    python benchmarks/digits.py [--quick] [--seeds 0 1 2] [--targets 0.1 0.3 0.5]
 
 Trains the default recipe's Spikformer on scikit-learn's digits, then for each
 wanted saving (26.68%, the paper's point, and a 10-60% sweep) runs PrimeSVT on the
@@ -192,8 +192,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the 26.68%% point (the paper's saving)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training / split seeds (default 0 1 2)")
+    parser.add_argument("--targets", type=float, nargs="+", help="parameter savings asked (default: all of TARGETS)")
     args = parser.parse_args()
-    targets = TARGETS[:1] if args.quick else TARGETS
+    targets = TARGETS[:1] if args.quick else tuple(args.targets or TARGETS)
     rows = [row for seed in args.seeds for row in run_seed(seed, targets)]
     summary = summarize(rows)
     out = ROOT / "benchmarks" / "results"

@@ -8,7 +8,7 @@ from .deploy.quantization import OpenVINOArtifact, load_quantized, nncf_int8, qu
 from .errors import (CheckpointError, DataError, ExportError, InputError, PluginError, PrimeSVTError, PruningFailed,
                      RecipeError, RunFailed, UnhandledLayerError)
 from .hookspecs import hookimpl
-from .pipeline.data import DataSplits, digits_splits
+from .pipeline.data import DataSplits, Datasets, digits_splits
 from .plugins import Registrar, Registry, build_model, get_plugin_manager, new_plugin_manager, registries
 from .pruning.attention import AttentionLayout
 from .pruning.graph import PruningGroup, SpikingGraph
@@ -25,7 +25,7 @@ __all__ = [
     # saving and loading
     "load_pruned", "load_quantized", "save_pruned",
     # plugins
-    "DataSplits", "OpenVINOArtifact", "Registrar", "Registry", "Verification", "build_model", "digits_splits",
+    "DataSplits", "Datasets", "OpenVINOArtifact", "Registrar", "Registry", "Verification", "build_model", "digits_splits",
     "exportable", "get_plugin_manager", "hookimpl", "new_plugin_manager", "nncf_int8", "quantize_int8",
     "registries", "to_onnx", "to_openvino", "to_openvino_model",
     # errors

@@ -279,26 +279,3 @@ def test_checkpoint_only_recipe_reproduces_the_trained_model(tmp_path):
     assert after["test_accuracy"] == before["test_accuracy"] > 0.5
     assert after["val_accuracy"] == before["val_accuracy"]
 
-
-def test_image_folder_dataset_from_files_on_disk(tmp_path):
-    from PIL import Image
-
-    from primesvt_plugin.pipeline.data import image_folder_splits
-
-    root, rng = tmp_path / "images", np.random.default_rng(0)
-    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-    for name, colour in colours.items():
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            pixels = np.clip(np.array(colour) * rng.uniform(0.6, 1.0) + rng.integers(0, 40, (12, 12, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
-    splits = image_folder_splits(root, image_size=8, val_fraction=0.2, test_fraction=0.2)
-    assert splits.num_classes == 3 and splits.image_shape == (3, 8, 8)
-    assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 30
-    x = np.concatenate([splits.x_train, splits.x_val, splits.x_test])
-    y = np.concatenate([splits.y_train, splits.y_val, splits.y_test])
-    assert 0.0 <= x.min() and x.max() <= 1.0
-    for label in range(3):  # classes are sorted by folder name: blue, green, red; each image is mostly its colour
-        assert (x[y == label].mean(axis=(2, 3)).argmax(1) == [2, 1, 0][label]).all()
-    gray = image_folder_splits(root, image_size=8, grayscale=True)
-    assert gray.image_shape == (1, 8, 8)

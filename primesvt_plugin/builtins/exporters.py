@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..deploy.export import (ExportError, Verification, exportable, predict_batches, to_onnx, to_openvino,
+from ..deploy.export import (ExportError, Verification, cpu_model, exportable, predict_batches, to_onnx, to_openvino,
                       verification_or_example)
 from ..plugins import hookimpl
 
@@ -11,6 +11,7 @@ from ..plugins import hookimpl
 def to_torchscript(model, example_input, path, verification: Verification | None = None):
     """A traced TorchScript module (``torch.jit.load`` runs it without primesvt or SpikingJelly)."""
     target = path.with_suffix(".torchscript.pt")
+    model, example_input = cpu_model(model), example_input.cpu()  # a CPU artifact, like the others
     verification = verification_or_example(model, example_input, verification)
     with exportable(model) as traceable, torch.no_grad():
         try:

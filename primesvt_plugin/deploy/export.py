@@ -9,6 +9,7 @@ restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,14 @@ from spikingjelly.activation_based import functional
 
 from ..errors import ArgumentError, ExportError
 from ..plugins import get_plugin_manager
-from ..pruning.spiking import class_scores, fresh_forward, inference, overridden_forward, stateful_modules
+from ..pruning.spiking import (class_scores, fresh_forward, inference, model_device, overridden_forward,
+                               stateful_modules, to_model_device)
+
+
+def cpu_model(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is on the CPU, else a CPU copy: exporters and OpenVINO work on the CPU,
+    and the caller's model stays on its device."""
+    return model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
 
 
 class FreshStateModel(nn.Module):
@@ -107,7 +115,10 @@ def predict_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
 
 def predict_torch(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """The PyTorch model's own outputs (SpikingJelly kernels, fresh state per batch) on ``images``."""
-    return predict_batches(lambda batch: fresh_forward(model, torch.from_numpy(batch)).numpy(), images, batch_size)
+    def run(batch: np.ndarray) -> np.ndarray:
+        return fresh_forward(model, to_model_device(model, torch.from_numpy(batch))).cpu().numpy()
+
+    return predict_batches(run, images, batch_size)
 
 
 @dataclass
@@ -130,7 +141,9 @@ class Verification:
     def of(cls, model: nn.Module, images: np.ndarray, **options) -> "Verification":
         """Verification against ``model``'s outputs on ``images``."""
         images = np.ascontiguousarray(images, dtype=np.float32)
-        return cls(images, predict_torch(model, images), **options)
+        # The CPU model is what gets exported: a GPU's arithmetic (TF32 convolutions) would flip spikes
+        # and blame the export for it.
+        return cls(images, predict_torch(cpu_model(model), images), **options)
 
     def check(self, what: str, outputs: np.ndarray, precision: str) -> dict:
         """Record how ``outputs`` (the export's, on ``images``) agree; refuse below ``min_agreement``."""
@@ -151,7 +164,7 @@ class Verification:
 def verification_or_example(model: nn.Module, example_input: torch.Tensor,
                             verification: Verification | None) -> Verification:
     """``verification``, or (called without one) a verification on the example input alone."""
-    return verification or Verification.of(model, example_input.numpy())
+    return verification or Verification.of(model, example_input.cpu().numpy())
 
 
 def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None,
@@ -159,6 +172,7 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None,
     """Write ``path`` (.onnx), verified on OpenVINO's ONNX reader; the batch size is the example's."""
     import openvino as ov
 
+    model, example_input = cpu_model(model), example_input.cpu()
     verification = verification_or_example(model, example_input, verification)
     with exportable(model, pm) as traceable, torch.no_grad():
         try:
@@ -182,6 +196,7 @@ def to_openvino_model(model: nn.Module, example_input: torch.Tensor, pm=None):
     """An ``openvino.Model`` of ``model`` (FP32)."""
     import openvino as ov
 
+    model, example_input = cpu_model(model), example_input.cpu()
     with exportable(model, pm) as traceable, torch.no_grad():
         try:
             return ov.convert_model(traceable, example_input=example_input)
@@ -200,6 +215,7 @@ def save_openvino(ov_model, path: Path) -> list[Path]:
 def to_openvino(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None,
                 verification: Verification | None = None) -> list[Path]:
     """Write ``path`` (.xml + .bin), verified at the verification's precision."""
+    model, example_input = cpu_model(model), example_input.cpu()
     verification = verification_or_example(model, example_input, verification)
     ov_model = to_openvino_model(model, example_input, pm)
     compiled = compile_openvino(ov_model, verification.precision)

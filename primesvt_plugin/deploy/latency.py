@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from ..pruning.spiking import inference
+from ..pruning.spiking import inference, to_model_device
 
 
 def median_ms(call: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:
@@ -25,11 +25,15 @@ def median_ms(call: Callable[[], object], repeats: int = 30, warmup: int = 3) ->
 
 
 def model_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
-    """Median latency of a fresh-state forward pass of a PyTorch spiking model on ``x``."""
+    """Median latency of a fresh-state forward pass of a PyTorch spiking model on ``x`` (on the model's device)."""
+    x = to_model_device(model, x)
+    cuda = x.device.type == "cuda"
 
     def forward():
         functional.reset_net(model)
         model(x)
+        if cuda:  # kernels run asynchronously: wait for them, or only the launch is timed
+            torch.cuda.synchronize(x.device)
 
     with inference(model):
         return median_ms(forward, repeats)

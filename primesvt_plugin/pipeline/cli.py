@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import Interrupted, PrimeSVTError, first_line
 from ..plugins import get_plugin_manager
+from .output import resume_folder
 from .recipe import find_recipe, load_recipe
 
 EXIT_FAILED = 1
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default: the recipe's 'out'); only a previous "
                                               "run's output is ever replaced")
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the fine-tuning of an interrupted run into the same output folder from its "
+                          "last finished epoch (the checkpoint in .OUT.resume/ beside it); without one, start over")
     commands.add_parser("plugins", help="list loaded plugins and what they register")
     return parser
 
@@ -78,6 +82,14 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 
+def _resumable(args) -> str:
+    """A note for a run that stopped and left a fine-tuning checkpoint (or found one and left it)."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None or not checkpoint.is_file():
+        return ""
+    return f"; rerun with --resume to continue fine-tuning from {checkpoint.parent}"
+
+
 def _error(message: str) -> None:
     print(f"primesvt: error: {message}", file=sys.stderr)
 
@@ -86,13 +98,17 @@ def _run(args) -> int:
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
     from .runner import failed_checks, preflight, probe, run_recipe  # heavy imports only when running
 
+    if args.command == "run":  # for _resumable's note
+        args.checkpoint = resume_folder(args.out or recipe.out) / "finetune.pt"
+
     pm = get_plugin_manager()
     if args.command == "validate":
         preflight(recipe, pm, args.allow_code)
         probe(recipe, pm, args.allow_code)
         print(f"{args.recipe}: ok")
         return 0
-    report = run_recipe(recipe, out=args.out, progress=not args.quiet, allow_code=args.allow_code)
+    report = run_recipe(recipe, out=args.out, progress=not args.quiet, allow_code=args.allow_code,
+                        resume=args.resume)
     for stage in report["stages"]:
         acc = stage.get("test_accuracy")
         print(f"{stage['stage']:>22s}: test accuracy {100 * acc:.2f}%" + (
@@ -126,19 +142,20 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
         signum = signal.SIGTERM if isinstance(stop, Interrupted) else signal.SIGINT
-        _error(f"{stop or 'interrupted (Ctrl-C)'}; nothing was written, a previous output is unchanged")
+        _error(f"{stop or 'interrupted (Ctrl-C)'}; nothing was written, a previous output is unchanged"
+               f"{_resumable(args)}")
         return EXIT_INTERRUPTED[signum]
     except PrimeSVTError as error:
         if args.debug:
             raise
         kept = "" if error.exit_code == EXIT_BAD_INPUT else "; the output folder was left as it was"
-        _error(f"{error}{kept}")
+        _error(f"{error}{kept}{_resumable(args) if kept else ''}")
         return error.exit_code
     except Exception as error:
         if args.debug:
             raise
         _error(f"unexpected {type(error).__name__}: {first_line(error)}; nothing was written (rerun with --debug for the "
-               "traceback, and please report it)")
+               f"traceback, and please report it){_resumable(args)}")
         return EXIT_FAILED
     finally:
         if in_main_thread:

@@ -9,7 +9,10 @@ Rules (docs/reliability.md):
 * files appear at the end, in one rename; a failed or interrupted run removes
   its scratch folder and the parent folders it created, and leaves a previous
   output as it was;
-* files get the user's umask, like any other file they create.
+* files get the user's umask, like any other file they create;
+* the one thing a run keeps beside ``out`` is the fine-tuning checkpoint in
+  ``.NAME.resume/`` (``resume_folder``), for ``--resume`` after an interruption;
+  a successful run removes it (docs/training.md).
 """
 from __future__ import annotations
 
@@ -95,6 +98,12 @@ def locked(out: Path) -> Iterator[None]:
     finally:
         os.unlink(lock)  # while still holding it: a waiting run then locks a new file
         os.close(fd)
+
+
+def resume_folder(out: Path) -> Path:
+    """``.NAME.resume`` beside ``out``: where a run into ``out`` keeps its checkpoint for ``--resume``."""
+    out = Path(out).expanduser().resolve()
+    return out.parent / f".{out.name}.resume"
 
 
 def _make_parents(folder: Path) -> list[Path]:

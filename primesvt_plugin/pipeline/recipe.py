@@ -32,13 +32,32 @@ class DataSection(Section):
     args: dict[str, Any] = Field(default_factory=dict)
     val_subset: int | None = Field(None, gt=0, description="validation samples the pruning policy evaluates on")
     batch_size: int = Field(128, gt=0)
+    workers: int = Field(0, ge=0, description="DataLoader worker processes reading the data")
 
 
-class TrainSection(Section):
+class ScheduleFields(Section):
+    """The learning-rate schedule shared by ``train`` and ``finetune`` (per optimizer step)."""
+
+    schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="after the warm-up: cosine decay to 0 at the last step (what training always did), "
+                              "or a constant rate")
+    warmup_epochs: int = Field(0, ge=0, description="epochs of linear warm-up to the full rate, before the schedule")
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self):
+        epochs = getattr(self, "epochs", 0)
+        if epochs and self.warmup_epochs > epochs:  # epochs 0 switches training off: any warm-up is moot
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) is longer than epochs ({epochs})")
+        return self
+
+
+class TrainSection(ScheduleFields):
     epochs: int = Field(10, ge=0)
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    amp: bool = Field(False, description="mixed precision (float16 autocast) when training on CUDA; "
+                                         "ignored on the CPU")
 
 
 class PruneSection(Section):
@@ -73,10 +92,18 @@ class PruneSection(Section):
         return rates
 
 
-class FinetuneSection(Section):
+class DistillSection(Section):
+    weight: float = Field(0.5, ge=0, le=1, description="share of the teacher's term in the loss (1 - weight: "
+                                                       "cross-entropy with the labels)")
+    temperature: float = Field(4.0, gt=0, description="softens both models' class scores before comparing them")
+
+
+class FinetuneSection(ScheduleFields):
     epochs: int = Field(2, ge=0)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, gt=0)
+    distill: DistillSection | None = Field(None, description="knowledge distillation from the unpruned model "
+                                                             "(null: cross-entropy only)")
 
 
 class QuantizeSection(Section):
@@ -102,6 +129,8 @@ class ExportSection(Section):
 class Recipe(Section):
     seed: int = Field(0, ge=0, lt=2**32, description="seeds data splits, training and the search")
     out: Path = Path("runs/out")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model trains, is pruned and "
+                                                                       "evaluated; auto: cuda when torch sees a GPU")
     model: ModelSection
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection | None = None

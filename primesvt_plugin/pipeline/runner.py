@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,19 +27,19 @@ import torch.nn as nn
 
 from ..deploy.export import Verification, cpu_description
 from ..deploy.latency import model_latency_ms
-from ..errors import DataError, InputError, PluginError, RecipeError, first_line
+from ..errors import ArgumentError, DataError, InputError, PluginError, RecipeError, first_line
 from ..plugins import build_model, get_plugin_manager, registries, resolve_builder
 from ..pruning.memory import footprint
 from ..pruning.policy import prime
 from ..pruning.pruner import SpikingPruner
-from ..pruning.spiking import fresh_forward
+from ..pruning.spiking import fresh_forward, model_device, to_model_device
 from ..pruning.spiking import class_scores
 from ..serialization import load_state_dict_file, save_pruned
-from .data import DataSplits
-from .output import RUN_FORMAT, staged_output
+from .data import Datasets, as_datasets
+from .output import RUN_FORMAT, resume_folder, staged_output
 from .recipe import Recipe
 from .report import plot_sensitivity, write_markdown
-from .training import accuracy, train
+from .training import Distillation, accuracy, check_resumable, frozen_copy, resolve_device, train
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def preflight(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False
 class Probe:
     """The recipe's data and model, checked to run together on one sample."""
 
-    data: DataSplits
+    data: Datasets
     model: nn.Module
     example: torch.Tensor
 
@@ -116,9 +117,17 @@ def probe(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) ->
         raise RecipeError(f"{where}: model.args: {error}") from None
     if recipe.model.checkpoint is not None:
         load_state_dict_file(model, recipe.input_files()["model.checkpoint"])
-    example = torch.from_numpy(data.x_val[:1])
     try:
-        fresh_forward(model, example)
+        model.to(resolve_device(recipe.device))  # the example stays on the CPU: who runs it moves it
+    except ArgumentError as error:
+        raise RecipeError(f"{where}: device: {error}") from None
+    example = data.example()
+    if data.time_major and (recipe.quantize or recipe.export):
+        raise RecipeError(f"{where}: {'quantize' if recipe.quantize else 'export'}: dataset {recipe.data.name!r} gives "
+                          "time-major event frames [T, N, ...]; quantization and export check their results on "
+                          "[N, ...] images only so far: remove the quantize and export sections")
+    try:
+        fresh_forward(model, to_model_device(model, example))
     except Exception as error:
         first = first_line(error)
         raise RecipeError(f"{where}: model.args: {recipe.model.name} does not run on {recipe.data.name} images of "
@@ -143,10 +152,12 @@ def _data_args(recipe: Recipe) -> dict[str, Any]:
     return args
 
 
-def _load_data(recipe: Recipe, pm) -> DataSplits:
+def _load_data(recipe: Recipe, pm) -> Datasets:
     loader = registries(pm).datasets[recipe.data.name]
     try:
-        return loader(**_data_args(recipe))
+        data = as_datasets(loader(**_data_args(recipe)), f"dataset {recipe.data.name!r}")
+        data.workers = recipe.data.workers
+        return data
     except InputError:
         raise
     except Exception as error:  # a plugin's loader: say which field to look at
@@ -155,8 +166,13 @@ def _load_data(recipe: Recipe, pm) -> DataSplits:
                         f"{dict(recipe.data.args)}: {first}") from None
 
 
-def _predict_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    return float((class_scores(outputs).argmax(1) == labels).mean())
+def _predict_accuracy(artifact, loader) -> float:
+    """Top-1 accuracy of a quantized artifact over ``loader``, batch by batch."""
+    correct = total = 0
+    for images, labels in loader:
+        correct += int((class_scores(artifact.predict(images.numpy())).argmax(1) == labels.numpy()).sum())
+        total += len(labels)
+    return correct / total
 
 
 def chance_accuracy(labels: np.ndarray, num_classes: int) -> float:
@@ -165,10 +181,12 @@ def chance_accuracy(labels: np.ndarray, num_classes: int) -> float:
 
 
 def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager | None = None,
-               progress: bool = True, allow_code: bool = False) -> dict:
+               progress: bool = True, allow_code: bool = False, resume: bool = False) -> dict:
     """Run every section of ``recipe``; all files appear in ``out`` at once, or none do.
 
     ``allow_code`` lets a ``module:function`` model name import and run that code.
+    Fine-tuning saves a checkpoint after every epoch beside ``out`` (``.NAME.resume/``);
+    ``resume`` continues from it, skipping the epochs it holds (docs/training.md).
     """
     pm = pm or get_plugin_manager()
     preflight(recipe, pm, allow_code)
@@ -176,12 +194,18 @@ def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager
     started = time.perf_counter()
     seed_everything(recipe.seed)
     with staged_output(out) as stage:
-        report = _run(recipe, probe(recipe, pm, allow_code), stage, pm, progress)
+        probed = probe(recipe, pm, allow_code)
+        checkpoint = {"checkpoint": resume_folder(out) / FINETUNE_CHECKPOINT, "resume": resume,
+                      "meta": _resume_meta(recipe, probed.model)}
+        if resume:  # a checkpoint of another recipe is refused now, not after training and pruning
+            check_resumable(checkpoint["checkpoint"], checkpoint["meta"])
+        report = _run(recipe, probed, stage, pm, progress, checkpoint)
         report["seconds"] = time.perf_counter() - started
         written = {str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()}
         report["files"] = sorted(written | {"report.json", "report.md"})
         (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
         write_markdown(report, stage / "report.md")
+        shutil.rmtree(resume_folder(out), ignore_errors=True)  # done: the output supersedes any checkpoint
     report["out"] = str(out.resolve())
     return report
 
@@ -191,7 +215,7 @@ def failed_checks(report: dict) -> list[str]:
     return [name for name, check in report["checks"].items() if not check["ok"]]
 
 
-def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict:
+def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpoint: dict | None = None) -> dict:
     data, model, example = probed.data, probed.model, probed.example
     val = data.loader("val", recipe.data.batch_size, limit=recipe.data.val_subset)
     test = data.loader("test", recipe.data.batch_size)
@@ -203,7 +227,8 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict
     if recipe.train:
         t = recipe.train
         report["train_loss"] = train(model, data.loader("train", t.batch_size, shuffle=True, seed=recipe.seed),
-                                     t.epochs, t.lr, t.weight_decay, seed=recipe.seed, progress=progress)
+                                     t.epochs, t.lr, t.weight_decay, seed=recipe.seed, progress=progress,
+                                     schedule=t.schedule, warmup_epochs=t.warmup_epochs, amp=t.amp)
     model.eval()
     baseline = footprint(model, example)
     baseline_test = accuracy(model, test)
@@ -214,8 +239,8 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict
 
     plan: dict[str, list[int]] = {}
     if recipe.prune:
-        chance = chance_accuracy(data.y_val, data.num_classes)
-        plan = _prune(recipe, model, example, val, data, chance, report, stage, pm, progress)
+        chance = chance_accuracy(data.labels("val"), data.num_classes)
+        plan = _prune(recipe, model, example, val, data, chance, report, stage, pm, progress, checkpoint)
         model.eval()
         pruned = footprint(model, example)
         saving = 1 - pruned.bytes_of(recipe.prune.memory) / baseline.bytes_of(recipe.prune.memory)
@@ -236,19 +261,20 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict
                 "detail": f"validation accuracy {baseline_val:.2%}, chance {chance:.2%}"}
             report["warnings"] += report["prune"].get("warnings", [])
     save_pruned(model, stage / "model.pt", recipe.model.name, recipe.model.args, tuple(example.shape), plan)
-    torch.save(model.state_dict(), stage / "state_dict.pt")
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stage / "state_dict.pt")  # loads without a GPU
     precision = recipe.export.inference_precision if recipe.export else "f32"
 
     if recipe.quantize:
         q = recipe.quantize
         quantizer = registries(pm).quantizers[q.method]
-        calibration = [data.x_train[i:i + 1] for i in range(min(q.calibration_size, len(data.x_train)))]
+        train_images = data.images("train", q.calibration_size)  # as they are: no augmentation
+        calibration = [train_images[i:i + 1] for i in range(len(train_images))]
         with _quiet(not progress):
             artifact = quantizer(model, example, calibration, subset_size=q.calibration_size, **q.args,
                                  **accepted(quantizer, {"inference_precision": precision}))
         files = artifact.save(stage / "model_int8")
         weight_bytes = artifact.weight_bytes(files)
-        int8_test = _predict_accuracy(artifact.predict(data.x_test), data.y_test)
+        int8_test = _predict_accuracy(artifact, data.loader("test", recipe.data.batch_size))
         stages.append({"stage": f"{q.method}", "test_accuracy": int8_test, "weight_bytes": weight_bytes,
                        "latency_ms": artifact.latency_ms(example.numpy()),
                        "inference_precision": getattr(artifact, "compiled_precision", None)})
@@ -262,7 +288,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool) -> dict
 
     if recipe.export:
         e = recipe.export
-        verification = Verification.of(model, data.x_test[:e.verify_samples], min_agreement=e.min_agreement,
+        verification = Verification.of(model, data.images("test", e.verify_samples), min_agreement=e.min_agreement,
                                        precision=e.inference_precision)
         exported = []
         for fmt in e.formats:
@@ -290,11 +316,11 @@ def _quiet(quiet: bool):
         nncf_log.setLevel(level)
 
 
-def _prune(recipe: Recipe, model, example, val, data: DataSplits, chance: float, report: dict, stage: Path, pm,
-           progress: bool) -> dict[str, list[int]]:
+def _prune(recipe: Recipe, model, example, val, data: Datasets, chance: float, report: dict, stage: Path, pm,
+           progress: bool, checkpoint: dict | None = None) -> dict[str, list[int]]:
     p = recipe.prune
     importance = registries(pm).importances[p.importance]()
-    finetune = _finetune(recipe, data, progress) if recipe.finetune else None
+    finetune = _finetune(recipe, model, data, progress, checkpoint) if recipe.finetune else None
     if p.method == "uniform":
         plan = SpikingPruner(model, example, importance=importance, pruning_ratio=p.ratio, pm=pm).step()
         if finetune is not None:
@@ -311,11 +337,29 @@ def _prune(recipe: Recipe, model, example, val, data: DataSplits, chance: float,
     return result.report.plan
 
 
-def _finetune(recipe: Recipe, data: DataSplits, progress: bool):
-    f = recipe.finetune
+FINETUNE_CHECKPOINT = "finetune.pt"
+# What the fine-tuned weights depend on: a checkpoint resumes only a run that agrees on all of it
+# (quantize, export and out may change between the interrupted run and the resumed one).
+RESUME_FIELDS = {"seed", "device", "model", "data", "train", "prune", "finetune"}
 
-    def finetune(model):
-        train(model, data.loader("train", f.batch_size, shuffle=True, seed=recipe.seed + 1), f.epochs, f.lr,
-              seed=recipe.seed + 1, progress=progress, desc="finetune")
+
+def _resume_meta(recipe: Recipe, model: nn.Module) -> dict:
+    """What a fine-tuning checkpoint must agree on with the run resuming it: the recipe and the device."""
+    fields = recipe.model_dump(mode="json", include=RESUME_FIELDS)
+    fields["device"] = str(model_device(model).type)  # 'auto' may be another device on another machine
+    return {"recipe": fields}
+
+
+def _finetune(recipe: Recipe, model: nn.Module, data: Datasets, progress: bool, checkpoint: dict | None = None):
+    """The fine-tuning ``prime`` runs after pruning ``model`` (called before pruning: a teacher for
+    distillation is a frozen copy of the model as it is now). ``checkpoint``: ``train``'s
+    checkpoint, resume and meta arguments."""
+    f = recipe.finetune
+    distill = Distillation(frozen_copy(model), f.distill.weight, f.distill.temperature) if f.distill else None
+
+    def finetune(pruned: nn.Module):
+        train(pruned, data.loader("train", f.batch_size, shuffle=True, seed=recipe.seed + 1), f.epochs, f.lr,
+              seed=recipe.seed + 1, progress=progress, desc="finetune", schedule=f.schedule,
+              warmup_epochs=f.warmup_epochs, distill=distill, **(checkpoint or {}))
 
     return finetune

@@ -24,7 +24,7 @@ from .accounting import attention_ops, ops_of_tp_group
 from .attention import INNER, WIDTH, AttentionLayout
 from .channels import ChannelOp, tp_pruning_fn
 from .memory import state_bytes
-from .spiking import stateful_modules
+from .spiking import stateful_modules, to_model_device
 from .tracing import trace_forward_fn
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -90,7 +90,7 @@ class PruningGroup:
         blocks = importance.reshape(self.channel_groups, -1)
         width = blocks.shape[1]
         chosen = torch.argsort(blocks, dim=1, stable=True)[:, :per_block]
-        chosen = chosen + torch.arange(self.channel_groups).unsqueeze(1) * width
+        chosen = chosen + torch.arange(self.channel_groups, device=chosen.device).unsqueeze(1) * width
         return sorted(chosen.flatten().tolist())
 
     def removable(self, rate: float) -> int:
@@ -106,6 +106,7 @@ class SpikingGraph:
     def __init__(self, model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
                  pm: pluggy.PluginManager | None = None):
         self.model = model
+        example_inputs = to_model_device(model, example_inputs)
         self.pm = pm or get_plugin_manager()
         self.names = {m: n for n, m in model.named_modules()}
         self.spiking_types = tuple(t for types in self.pm.hook.primesvt_spiking_layer_types() for t in types)

@@ -25,6 +25,7 @@ import torch_pruning as tp
 from spikingjelly.activation_based import functional
 
 from .accounting import ops_bytes, ops_of_tp_group
+from .spiking import to_model_device
 
 KIB = 1024.0
 
@@ -63,7 +64,7 @@ def example_gradients(model: nn.Module, example_inputs: torch.Tensor) -> Iterato
             p.requires_grad_(True)
         functional.reset_net(model)
         with torch.enable_grad():
-            gradient_loss(model(example_inputs)).backward()
+            gradient_loss(model(to_model_device(model, example_inputs))).backward()
         functional.reset_net(model)
         yield
     finally:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..errors import ArgumentError
 from .channels import ChannelOp, channel_slices
-from .spiking import inference, one_sample, stateful_modules
+from .spiking import inference, one_sample, stateful_modules, to_model_device
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Bytes of state each stateful module holds after a forward pass of one sample."""
     with inference(model):
-        model(one_sample(model, example_inputs))
+        model(one_sample(model, to_model_device(model, example_inputs)))
         return {m: _tensor_bytes(v for v in m._memories.values() if isinstance(v, torch.Tensor))
                 for m in stateful_modules(model)}
 
@@ -79,7 +79,8 @@ class LedgerState:
     def __init__(self, model: nn.Module, neuron_state: dict[nn.Module, int]):
         self.model = model
         self.neuron_state = dict(neuron_state)
-        self.alive = {id(t): torch.ones(t.shape, dtype=torch.bool) for t in _float_tensors(model)}
+        # Beside each tensor: a model on a GPU keeps its masks there (no copies between devices)
+        self.alive = {id(t): torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in _float_tensors(model)}
         # (key, bytes per entry, is a parameter): the plan is judged on the shapes seen now
         self.entries = [(id(t), t.element_size(), isinstance(t, nn.Parameter)) for t in _float_tensors(model)]
         self.neuron_removed: dict[nn.Module, set[int]] = {}
@@ -102,7 +103,7 @@ class LedgerState:
             return
         index = torch.tensor(op.idxs, dtype=torch.long)
         for tensor, dim in channel_slices(op.layer, op.direction):
-            self.alive[id(tensor)].index_fill_(dim, index, False)
+            self.alive[id(tensor)].index_fill_(dim, index.to(tensor.device), False)
 
     def footprint(self) -> Footprint:
         params = sum(int(self.alive[key].sum()) * size for key, size, is_param in self.entries if is_param)

@@ -40,7 +40,7 @@ from .memory import MEASURES, Footprint, LedgerState, footprint
 from .pruner import apply_plan
 from .search import OBJECTIVES, SEARCHES, PlanSearch
 from .records import Constraints, GroupRecord, Measured, PrimeReport, PrimeResult, Pruned, Scored, Trial
-from .spiking import fresh_forward, inference
+from .spiking import fresh_forward, inference, to_model_device
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
         copies: dict[int, object] = {}
         model = copy.deepcopy(model, copies)
         ignored_layers = [copies.get(id(layer), layer) for layer in ignored_layers]  # the copy's own layers
+    example_inputs = to_model_device(model, example_inputs)
     model.eval()
     try:
         state = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, pm)

@@ -13,7 +13,7 @@ import torch_pruning as tp
 
 from ..errors import ArgumentError, PruningFailed
 from .graph import PruningGroup, SpikingGraph
-from .spiking import fresh_forward
+from .spiking import fresh_forward, to_model_device
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class SpikingPruner:
         if not 0.0 <= pruning_ratio < 1.0:
             raise ArgumentError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
         self.model = model
-        self.example_inputs = example_inputs
+        self.example_inputs = to_model_device(model, example_inputs)
         self.importance = importance or tp.importance.GroupMagnitudeImportance(p=2)
         self.pruning_ratio = pruning_ratio
         self.pruning_ratio_dict = dict(pruning_ratio_dict or {})
@@ -152,6 +152,7 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
     says why; build a new pruner before trying again (the old one's graph is stale).
     """
     model = pruner.model
+    example_inputs = to_model_device(model, example_inputs)
     expected = fresh_forward(model, example_inputs).shape
     with structural_change(model):
         pruner.step()
@@ -160,6 +161,7 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
 
 def apply_plan(model: nn.Module, example_inputs, groups: list[PruningGroup], plan: dict[str, list[int]]) -> dict:
     """Remove ``plan[name]`` channels from each named group, verifying after each; restore on failure."""
+    example_inputs = to_model_device(model, example_inputs)
     expected = fresh_forward(model, example_inputs).shape
     with structural_change(model):
         for group in groups:

@@ -35,6 +35,23 @@ def fresh_forward(model: nn.Module, inputs) -> torch.Tensor:
         return model(inputs)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s tensors live: its first parameter's (or buffer's) device; the CPU for neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_model_device(model: nn.Module, inputs):
+    """``inputs`` on ``model``'s device (a tensor; anything else is returned as it is).
+
+    Functions receiving an example input call this, so a CPU example works with a model on a GPU.
+    """
+    return inputs.to(model_device(model)) if isinstance(inputs, torch.Tensor) else inputs
+
+
 def class_scores(outputs):
     """``[N, K]`` scores from a model's outputs: multi-step ``[T, N, K]`` is averaged over time.
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from .spiking import first_time_step, overridden_forward, step_modules, stepped_by_mode, time_step_owners
+from .spiking import (first_time_step, overridden_forward, step_modules, stepped_by_mode, time_step_owners,
+                      to_model_device)
 
 
 def _passthrough(x, *args, **kwargs):
@@ -81,7 +82,8 @@ def trace_forward_fn(passthrough: Iterable[nn.Module]):
     passthrough = list(passthrough)
 
     def forward_fn(model: nn.Module, example_inputs):
-        inputs = first_time_step(model, example_inputs)  # before the view changes T and step modes
+        # before the view changes T and step modes; on the model's device (MetaPruner passes the user's)
+        inputs = first_time_step(model, to_model_device(model, example_inputs))
         with single_step_view(model, passthrough):
             if isinstance(inputs, (tuple, list)):
                 return model(*inputs)
