@@ -69,6 +69,13 @@ def test_default_recipe_meets_its_promises(tmp_path, capsys):
     assert {c["precision"] for c in report["export_checks"].values()} == {"f32"}
     assert all(c["agreement"] >= 0.995 and c["samples"] == len(data.y_test) for c in report["export_checks"].values())
     assert "FP32" in report["environment"]["cpu"]["capabilities"]
+    # energy per image (SpikingJelly's op_counter on validation images): lower after pruning, lower again at INT8 costs
+    energy = [stage["energy"] for stage in report["stages"]]
+    assert [e["precision"] for e in energy] == ["fp32", "fp32", "int8"]
+    assert energy[1]["energy_pj"] < energy[0]["energy_pj"] and energy[1]["macs"] < energy[0]["macs"]
+    assert energy[2]["energy_pj"] < energy[1]["energy_pj"] and energy[2]["macs"] == energy[1]["macs"]
+    assert 0 < max(energy[0]["spike_rates"].values()) <= 1
+    assert "uJ (fp32)" in (out / "report.md").read_text()
 
 
 # Shortest training after which each variant's model has learned digits (measured: 77%, 62%, 75% test).

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .. import distributed
 from ..errors import Interrupted, PrimeSVTError, first_line
 from ..plugins import get_plugin_manager
 from .output import resume_folder
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default: the recipe's 'out'); only a previous "
                                               "run's output is ever replaced")
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="run in N processes on this machine: starts torchrun --standalone --nproc_per_node N "
+                          "(docs/distributed.md)")
     run.add_argument("--resume", action="store_true",
                      help="continue the fine-tuning of an interrupted run into the same output folder from its "
                           "last finished epoch (the checkpoint in .OUT.resume/ beside it); without one, start over")
@@ -90,12 +94,50 @@ def _resumable(args) -> str:
     return f"; rerun with --resume to continue fine-tuning from {checkpoint.parent}"
 
 
+def _stop_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM an error was raised while handling, if any: a stop that lands in a
+    C extension's import or in a plugin's loader comes back as an ImportError or a DataError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _interrupted(stop: KeyboardInterrupt, args) -> int:
+    signum = signal.SIGTERM if isinstance(stop, Interrupted) else signal.SIGINT
+    if distributed.prefix():  # torchrun stopped this rank (another failed, or Ctrl-C): torchrun says why
+        return EXIT_INTERRUPTED[signum]
+    _error(f"{stop or 'interrupted (Ctrl-C)'}; nothing was written, a previous output is unchanged{_resumable(args)}")
+    return EXIT_INTERRUPTED[signum]
+
+
 def _error(message: str) -> None:
-    print(f"primesvt: error: {message}", file=sys.stderr)
+    print(f"primesvt: error: {distributed.prefix()}{message}", file=sys.stderr)
+
+
+def _torchrun(argv: list[str], processes: int) -> int:
+    """``primesvt run ... --nproc N``: the same command in N processes started by torchrun."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:  # drop --nproc N (or --nproc=N): each process runs the plain command
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "primesvt_plugin", *rest]
+    return subprocess.run(command).returncode
 
 
 def _run(args) -> int:
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    distributed.init_from_environment()  # under torchrun: join its process group (a no-op otherwise)
     from .runner import failed_checks, preflight, probe, run_recipe  # heavy imports only when running
 
     if args.command == "run":  # for _resumable's note
@@ -107,8 +149,10 @@ def _run(args) -> int:
         probe(recipe, pm, args.allow_code)
         print(f"{args.recipe}: ok")
         return 0
-    report = run_recipe(recipe, out=args.out, progress=not args.quiet, allow_code=args.allow_code,
-                        resume=args.resume)
+    report = run_recipe(recipe, out=args.out, progress=not args.quiet and distributed.is_main(),
+                        allow_code=args.allow_code, resume=args.resume)
+    if not distributed.is_main():
+        return 0  # rank 0 reports for everyone
     for stage in report["stages"]:
         acc = stage.get("test_accuracy")
         print(f"{stage['stage']:>22s}: test accuracy {100 * acc:.2f}%" + (
@@ -136,22 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plugins":
         _plugins()
         return 0
+    if getattr(args, "nproc", None):
+        return _torchrun(sys.argv[1:] if argv is None else argv, args.nproc)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works there only
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
     try:
         return _run(args)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Interrupted
-        signum = signal.SIGTERM if isinstance(stop, Interrupted) else signal.SIGINT
-        _error(f"{stop or 'interrupted (Ctrl-C)'}; nothing was written, a previous output is unchanged"
-               f"{_resumable(args)}")
-        return EXIT_INTERRUPTED[signum]
+        return _interrupted(stop, args)
     except PrimeSVTError as error:
+        if _stop_behind(error):
+            return _interrupted(_stop_behind(error), args)
         if args.debug:
             raise
         kept = "" if error.exit_code == EXIT_BAD_INPUT else "; the output folder was left as it was"
         _error(f"{error}{kept}{_resumable(args) if kept else ''}")
         return error.exit_code
     except Exception as error:
+        if _stop_behind(error):
+            return _interrupted(_stop_behind(error), args)
         if args.debug:
             raise
         _error(f"unexpected {type(error).__name__}: {first_line(error)}; nothing was written (rerun with --debug for the "
@@ -160,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,15 +19,22 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _energy(energy: dict | None) -> str:
+    if energy is None:
+        return "- | -"
+    return f"{energy['energy_pj'] / 1e6:.3f} uJ ({energy['precision']}) | {energy['synaptic_ops']:,.0f}"
+
+
 def write_markdown(report: dict, path: Path) -> None:
     """report.md from a run's ``report.json`` content."""
     lines = [f"# primesvt run: {report['recipe']}", "", f"Finished {report['finished']} in {report['seconds']:.1f} s.", ""]
-    lines += ["| stage | test accuracy | memory (FP32 params+buffers+state) | weight bytes | latency (batch 1) |",
-              "|---|---|---|---|---|"]
+    lines += ["| stage | test accuracy | memory (FP32 params+buffers+state) | weight bytes | latency (batch 1) "
+              "| energy per image | synaptic ops per image |", "|---|---|---|---|---|---|---|"]
     for stage in report["stages"]:
         latency = stage.get("latency_ms")
         lines.append(f"| {stage['stage']} | {_pct(stage.get('test_accuracy'))} | {_kib(stage.get('memory_bytes'))} "
-                     f"| {_kib(stage.get('weight_bytes'))} | {'-' if latency is None else f'{latency:.2f} ms'} |")
+                     f"| {_kib(stage.get('weight_bytes'))} | {'-' if latency is None else f'{latency:.2f} ms'} "
+                     f"| {_energy(stage.get('energy'))} |")
     lines += ["", "## Checks", ""]
     for name, check in report["checks"].items():
         lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['detail']}")

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +24,19 @@ from typing import Any, Callable
 import numpy as np
 import pluggy
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
+from .. import distributed
 from ..deploy.export import Verification, cpu_description
 from ..deploy.latency import model_latency_ms
 from ..errors import ArgumentError, DataError, InputError, PluginError, RecipeError, first_line
 from ..plugins import build_model, get_plugin_manager, registries, resolve_builder
+from ..pruning.energy import estimate_energy
 from ..pruning.memory import footprint
 from ..pruning.policy import prime
 from ..pruning.pruner import SpikingPruner
-from ..pruning.spiking import fresh_forward, model_device, to_model_device
-from ..pruning.spiking import class_scores
+from ..pruning.spiking import class_scores, fresh_forward, model_device, to_model_device
 from ..serialization import load_state_dict_file, save_pruned
 from .data import Datasets, as_datasets
 from .output import RUN_FORMAT, resume_folder, staged_output
@@ -42,6 +45,8 @@ from .report import plot_sensitivity, write_markdown
 from .training import Distillation, accuracy, check_resumable, frozen_copy, resolve_device, train
 
 log = logging.getLogger(__name__)
+
+ENERGY_SAMPLES = 16  # validation images the energy per image is measured on
 
 # Optional keyword arguments a plugin's function receives when its signature accepts them.
 EXPORT_OPTIONS = ("verification",)
@@ -175,6 +180,11 @@ def _predict_accuracy(artifact, loader) -> float:
     return correct / total
 
 
+def score(model: nn.Module, loader) -> float:
+    """Top-1 accuracy over ``loader``: sharded over the ranks under torchrun (the same number on each)."""
+    return distributed.sharded_accuracy(model, loader) if distributed.active() else accuracy(model, loader)
+
+
 def chance_accuracy(labels: np.ndarray, num_classes: int) -> float:
     """What a model guessing (or always predicting the commonest class) scores on ``labels``."""
     return max(1.0 / num_classes, float(np.bincount(labels).max() / len(labels)))
@@ -193,7 +203,9 @@ def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager
     out = Path(recipe.out if out is None else out)
     started = time.perf_counter()
     seed_everything(recipe.seed)
-    with staged_output(out) as stage:
+    # under torchrun rank 0 alone writes the output; the other ranks work in a scratch folder
+    with (staged_output(out) if distributed.is_main() else tempfile.TemporaryDirectory()) as stage:
+        stage = Path(stage)
         probed = probe(recipe, pm, allow_code)
         checkpoint = {"checkpoint": resume_folder(out) / FINETUNE_CHECKPOINT, "resume": resume,
                       "meta": _resume_meta(recipe, probed.model)}
@@ -205,7 +217,8 @@ def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager
         report["files"] = sorted(written | {"report.json", "report.md"})
         (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
         write_markdown(report, stage / "report.md")
-        shutil.rmtree(resume_folder(out), ignore_errors=True)  # done: the output supersedes any checkpoint
+        if distributed.is_main():
+            shutil.rmtree(resume_folder(out), ignore_errors=True)  # done: the output supersedes any checkpoint
     report["out"] = str(out.resolve())
     return report
 
@@ -223,6 +236,8 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
     report = {"format": RUN_FORMAT, "recipe": str(recipe.source), "finished": None, "stages": stages,
               "checks": checks, "warnings": [], "recipe_data": recipe.model_dump(mode="json"),
               "environment": {"cpu": cpu_description(), "torch": torch.__version__}}
+    if distributed.active():
+        report["distributed"] = {"world_size": distributed.world_size(), "backend": dist.get_backend()}
 
     if recipe.train:
         t = recipe.train
@@ -231,26 +246,30 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
                                      schedule=t.schedule, warmup_epochs=t.warmup_epochs, amp=t.amp)
     model.eval()
     baseline = footprint(model, example)
-    baseline_test = accuracy(model, test)
+    baseline_test = score(model, test)
     param_bytes = baseline.param_bytes
-    stages.append({"stage": "fp32", "test_accuracy": baseline_test, "val_accuracy": accuracy(model, val),
+    energy_images = to_model_device(model, torch.from_numpy(data.images("val", ENERGY_SAMPLES)))
+    stages.append({"stage": "fp32", "test_accuracy": baseline_test, "val_accuracy": score(model, val),
                    "memory_bytes": baseline.total_bytes, "weight_bytes": param_bytes, "memory": baseline.as_dict(),
-                   "latency_ms": model_latency_ms(model, example)})
+                   "latency_ms": model_latency_ms(model, example),
+                   "energy": estimate_energy(model, energy_images).as_dict()})
 
     plan: dict[str, list[int]] = {}
     if recipe.prune:
         chance = chance_accuracy(data.labels("val"), data.num_classes)
         plan = _prune(recipe, model, example, val, data, chance, report, stage, pm, progress, checkpoint)
+        distributed.same_on_every_rank(plan, "the pruning plan")
         model.eval()
         pruned = footprint(model, example)
         saving = 1 - pruned.bytes_of(recipe.prune.memory) / baseline.bytes_of(recipe.prune.memory)
         stages.append({"stage": "pruned" + (" + finetuned" if recipe.finetune else ""),
-                       "test_accuracy": accuracy(model, test), "val_accuracy": accuracy(model, val),
+                       "test_accuracy": score(model, test), "val_accuracy": score(model, val),
                        "memory_bytes": pruned.total_bytes, "weight_bytes": pruned.param_bytes,
                        "memory": pruned.as_dict(), "memory_saving": saving,
                        "parameter_saving": 1 - pruned.param_bytes / baseline.param_bytes,
                        "footprint_saving": 1 - pruned.total_bytes / baseline.total_bytes,
-                       "latency_ms": model_latency_ms(model, example)})
+                       "latency_ms": model_latency_ms(model, example),
+                       "energy": estimate_energy(model, energy_images).as_dict()})
         if recipe.prune.method == "prime":
             checks[f"{recipe.prune.memory} memory saving"] = {
                 "ok": saving >= recipe.prune.memory_saving - 1e-9,
@@ -264,7 +283,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stage / "state_dict.pt")  # loads without a GPU
     precision = recipe.export.inference_precision if recipe.export else "f32"
 
-    if recipe.quantize:
+    if recipe.quantize and distributed.is_main():  # the other ranks' work ends with the pruned model
         q = recipe.quantize
         quantizer = registries(pm).quantizers[q.method]
         train_images = data.images("train", q.calibration_size)  # as they are: no augmentation
@@ -277,7 +296,9 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
         int8_test = _predict_accuracy(artifact, data.loader("test", recipe.data.batch_size))
         stages.append({"stage": f"{q.method}", "test_accuracy": int8_test, "weight_bytes": weight_bytes,
                        "latency_ms": artifact.latency_ms(example.numpy()),
-                       "inference_precision": getattr(artifact, "compiled_precision", None)})
+                       "inference_precision": getattr(artifact, "compiled_precision", None),
+                       # the same operations at INT8 costs (op_counter cannot run an OpenVINO model)
+                       "energy": estimate_energy(model, energy_images, "int8").as_dict()})
         if recipe.prune:  # the embedded budget: pruning + INT8
             checks[f"int8 weights <= {q.max_weight_fraction:.0%} of unpruned fp32 params"] = {
                 "ok": weight_bytes <= q.max_weight_fraction * param_bytes,
@@ -286,7 +307,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
             "ok": baseline_test - int8_test <= q.max_accuracy_drop,
             "detail": f"{100 * baseline_test:.2f}% -> {100 * int8_test:.2f}%"}
 
-    if recipe.export:
+    if recipe.export and distributed.is_main():
         e = recipe.export
         verification = Verification.of(model, data.images("test", e.verify_samples), min_agreement=e.min_agreement,
                                        precision=e.inference_precision)
@@ -320,14 +341,14 @@ def _prune(recipe: Recipe, model, example, val, data: Datasets, chance: float, r
            progress: bool, checkpoint: dict | None = None) -> dict[str, list[int]]:
     p = recipe.prune
     importance = registries(pm).importances[p.importance]()
-    finetune = _finetune(recipe, model, data, progress, checkpoint) if recipe.finetune else None
+    finetune = _finetune(recipe, model, data, report, progress, checkpoint) if recipe.finetune else None
     if p.method == "uniform":
         plan = SpikingPruner(model, example, importance=importance, pruning_ratio=p.ratio, pm=pm).step()
         if finetune is not None:
             finetune(model)
         report["prune"] = {"method": "uniform", "ratio": p.ratio, "plan_groups": sorted(plan)}
         return plan
-    result = prime(model, example, lambda m: accuracy(m, val), memory_saving=p.memory_saving,
+    result = prime(model, example, lambda m: score(m, val), memory_saving=p.memory_saving,
                    max_accuracy_drop=p.max_accuracy_drop, min_accuracy=p.min_accuracy, rates=p.rates,
                    objective=p.objective, round_to=p.round_to, search=p.search, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
                    progress=progress, pm=pm, chance_accuracy=chance)
@@ -350,7 +371,8 @@ def _resume_meta(recipe: Recipe, model: nn.Module) -> dict:
     return {"recipe": fields}
 
 
-def _finetune(recipe: Recipe, model: nn.Module, data: Datasets, progress: bool, checkpoint: dict | None = None):
+def _finetune(recipe: Recipe, model: nn.Module, data: Datasets, report: dict, progress: bool,
+              checkpoint: dict | None = None):
     """The fine-tuning ``prime`` runs after pruning ``model`` (called before pruning: a teacher for
     distillation is a frozen copy of the model as it is now). ``checkpoint``: ``train``'s
     checkpoint, resume and meta arguments."""
@@ -358,7 +380,7 @@ def _finetune(recipe: Recipe, model: nn.Module, data: Datasets, progress: bool, 
     distill = Distillation(frozen_copy(model), f.distill.weight, f.distill.temperature) if f.distill else None
 
     def finetune(pruned: nn.Module):
-        train(pruned, data.loader("train", f.batch_size, shuffle=True, seed=recipe.seed + 1), f.epochs, f.lr,
+        report["finetune_loss"] = train(pruned, data.loader("train", f.batch_size, shuffle=True, seed=recipe.seed + 1), f.epochs, f.lr,
               seed=recipe.seed + 1, progress=progress, desc="finetune", schedule=f.schedule,
               warmup_epochs=f.warmup_epochs, distill=distill, **(checkpoint or {}))
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import ArgumentError, CheckpointError, DataError, first_line
+from .. import distributed
 from ..pruning.spiking import class_scores, inference, model_device
 from ..serialization import atomic_write, read_tensors
 
@@ -216,6 +217,8 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, w
     settings = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "seed": seed, "schedule": schedule,
                 "warmup_epochs": warmup_epochs, "steps_per_epoch": steps, "amp": autocast,
                 "distill": None if distill is None else [distill.weight, distill.temperature]}
+    loader, sampler, trained = distributed.data_parallel(model, loader, seed)
+    step.model = trained  # DistributedDataParallel under torchrun: gradients averaged over the ranks
     state = TrainingState(model, optimizer, scheduler, scaler, loader)
     losses: list[float] = []
     if checkpoint is not None and resume:
@@ -225,8 +228,10 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, w
     try:
         for _ in tqdm(range(len(losses), epochs), desc=desc, disable=not progress, leave=False,
                       initial=len(losses), total=epochs):
-            losses.append(_epoch(step, loader, device))
-            if checkpoint is not None:
+            if sampler is not None:
+                sampler.set_epoch(len(losses))  # a new shuffle each epoch, the same on every rank
+            losses.append(distributed.mean_over_ranks(_epoch(step, loader, device)))
+            if checkpoint is not None and distributed.is_main():
                 state.save(Path(checkpoint), losses, settings, meta or {})
     finally:
         model.train(was_training)

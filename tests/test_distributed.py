@@ -1,0 +1,100 @@
+"""PrimeSVT under torch.distributed: torchrun with 2 CPU processes (gloo) against one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from primesvt_plugin.pipeline.cli import main
+
+SMALL = ("{T: 2, in_channels: 1, img_size_h: 16, img_size_w: 16, patch_size: 4, num_classes: 10, embed_dims: 64, "
+         "num_heads: 4, mlp_ratio: 4, depths: 1}")  # the default recipe's model: it learns digits in a few epochs
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "primesvt_plugin", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+def write_recipe(path, body: str) -> str:
+    path.write_text(f"seed: 0\nmodel:\n  name: spikformer\n  args: {SMALL}\n{body}")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A digits Spikformer trained in one process (the search-only recipes start from it)."""
+    folder = tmp_path_factory.mktemp("trained")
+    recipe = write_recipe(folder / "train.yaml", "data: {name: digits, args: {image_size: 16}}\n"
+                                                 "train: {epochs: 5, lr: 0.003}\n")
+    assert main(["run", recipe, "--out", str(folder / "out"), "--quiet"]) == 0
+    return folder / "out" / "state_dict.pt"
+
+
+def search_recipe(folder, checkpoint, extra: str = "") -> str:
+    return write_recipe(folder / "search.yaml", f"  checkpoint: {checkpoint}\n"
+                                                "data: {name: digits, args: {image_size: 16}, batch_size: 64}\n"
+                                                "prune: {method: prime, memory_saving: 0.3, max_accuracy_drop: 0.05}\n"
+                                                + extra)
+
+
+def test_search_under_torchrun_gives_the_plan_and_the_weights_of_one_process(checkpoint, tmp_path):
+    recipe = search_recipe(tmp_path, checkpoint)
+    assert main(["run", recipe, "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    result = torchrun("run", recipe, "--out", str(tmp_path / "two"), "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
+    assert two["prune"]["plan"] == one["prune"]["plan"] and one["prune"]["plan"]
+    assert two["prune"]["evaluations"] == one["prune"]["evaluations"]
+    assert two["prune"]["pruned"]["accuracy"] == one["prune"]["pruned"]["accuracy"]  # counts summed exactly
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in one
+    weights = [torch.load(tmp_path / name / "state_dict.pt") for name in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "search.yaml", "two"]  # rank 1 wrote nothing
+
+
+def test_fine_tuning_under_torchrun_completes_and_its_loss_decreases(checkpoint, tmp_path):
+    recipe = search_recipe(tmp_path, checkpoint, "finetune: {epochs: 3, lr: 0.001}\n")
+    result = torchrun("run", recipe, "--out", str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    losses = report["finetune_loss"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert report["stages"][-1]["stage"] == "pruned + finetuned"
+
+
+FAILING_BUILDER = '''
+import os
+from spikingjelly.activation_based.model import spikformer
+
+
+def build(**args):
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("this rank's disk is full")
+    return spikformer.Spikformer(**args)
+'''
+
+
+def test_a_failing_rank_stops_the_run_with_one_line_naming_it_and_nothing_is_written(tmp_path):
+    (tmp_path / "flaky_model.py").write_text(FAILING_BUILDER)
+    (tmp_path / "flaky.yaml").write_text(f"seed: 0\nmodel:\n  name: flaky_model:build\n  args: {SMALL}\n"
+                                         "data: {name: digits, args: {image_size: 16}}\ntrain: {epochs: 1}\n")
+    result = torchrun("run", str(tmp_path / "flaky.yaml"), "--out", str(tmp_path / "out"), "--quiet", "--allow-code")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("primesvt: error:")]
+    assert errors and all(line.startswith("primesvt: error: rank 1: ") for line in errors), result.stderr[-2000:]
+    assert "this rank's disk is full" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_nproc_starts_the_same_thing_as_torchrun(checkpoint, tmp_path):
+    recipe = search_recipe(tmp_path, checkpoint)
+    assert main(["run", recipe, "--out", str(tmp_path / "out"), "--quiet", "--nproc", "2"]) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["distributed"]["world_size"] == 2

@@ -1,0 +1,62 @@
+"""Energy per image from SpikingJelly's op_counter, before and after pruning."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from primesvt_plugin import SpikingPruner, build_model
+from primesvt_plugin.errors import ArgumentError
+from primesvt_plugin.pruning.energy import estimate_energy, spike_rates
+
+ARGS = dict(T=2, in_channels=1, img_size_h=16, img_size_w=16, patch_size=4, num_classes=10, embed_dims=32,
+            num_heads=2, mlp_ratio=2, depths=1)
+
+
+def firing_spikformer():
+    """A small Spikformer whose neurons fire (low thresholds), so spikes reach every layer."""
+    torch.manual_seed(0)
+    model = build_model("spikformer", ARGS).eval()
+    for module in model.modules():
+        if hasattr(module, "v_threshold"):
+            module.v_threshold = 0.05
+    return model
+
+
+def test_energy_per_image_counts_operations_and_falls_after_pruning():
+    model, images = firing_spikformer(), torch.rand(8, 1, 16, 16)
+    before = estimate_energy(model, images)
+    half = estimate_energy(model, images[:4])
+    assert before.macs == half.macs > 0  # per image: independent of the batch size
+    assert before.synaptic_ops > 0 and before.energy_pj == pytest.approx(before.compute_pj + before.memory_pj)
+    assert set(before.spike_rates) >= {"patch_embed.stages.0.neuron", "blocks.0.mlp.neuron1"}
+    assert all(0.0 <= rate <= 1.0 for rate in before.spike_rates.values())
+    assert any(rate > 0 for rate in before.spike_rates.values())
+    SpikingPruner(model, images[:2], pruning_ratio=0.5).step()
+    after = estimate_energy(model, images)
+    assert after.macs < before.macs and after.memory_access_bytes < before.memory_access_bytes
+    assert after.energy_pj < before.energy_pj
+    int8 = estimate_energy(model, images, precision="int8")
+    assert int8.compute_pj < after.compute_pj and int8.macs == after.macs
+
+
+def test_spike_rates_are_mean_outputs_and_the_model_is_left_as_it_was():
+    model, images = firing_spikformer(), torch.rand(4, 1, 16, 16)
+    rates = spike_rates(model, images)
+    outputs = {}
+    def record(name):
+        def hook(module, inputs, output):
+            outputs[name] = output.float().mean().item()  # returns None: the output is unchanged
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name in rates]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    assert rates == pytest.approx(outputs)
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_unknown_energy_precision_is_refused():
+    with pytest.raises(ArgumentError, match="energy precision must be one of fp32, fp16, int8"):
+        estimate_energy(firing_spikformer(), torch.rand(1, 1, 16, 16), precision="int4")
