@@ -34,13 +34,16 @@ from primesvt_plugin.deploy.quantization import quantize_int8  # noqa: E402
 from primesvt_plugin.pruning.spiking import class_scores, fresh_forward  # noqa: E402
 
 CIFAR, IMAGENET = (3, 32, 32), (3, 224, 224)
+# spikformer_cifar10's configuration (its builder fixes depths): 384 dims, 12 heads, 4x4 patches, T=4
+CIFAR10_SPIKFORMER = dict(T=4, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num_classes=10,
+                          embed_dims=384, num_heads=12, mlp_ratio=4)
 MODELS = {  # name: (builder, args, input shape)
     "spikformer_cifar10": ("spikformer_cifar10", {}, CIFAR),
     "maxformer_cifar": ("maxformer_cifar", {}, CIFAR),
     "spikformer_ti": ("spikformer_ti", {}, IMAGENET),
     "sdt_8_384": ("sdt_8_384", {}, IMAGENET),
     "qkformer_10_384": ("qkformer_10_384", {}, IMAGENET),
-    **{f"spikformer_cifar10 depth {d}": ("spikformer_cifar10", {"depths": d}, CIFAR) for d in (2, 4, 8)},
+    **{f"spikformer_cifar10 depth {d}": ("spikformer", {**CIFAR10_SPIKFORMER, "depths": d}, CIFAR) for d in (2, 4, 8)},
 }
 
 
