@@ -19,12 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from spikingjelly.activation_based import functional
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .errors import RunFailed
-from .pruning.spiking import class_scores, inference
+from .pruning.spiking import model_device
 
 
 def active() -> bool:
@@ -93,18 +92,9 @@ def sharded_accuracy(model: nn.Module, loader: DataLoader) -> float:
     Use it as ``prime()``'s ``evaluate`` under torchrun: ``lambda m: sharded_accuracy(m, val_loader)``.
     Every rank must call it (it is a collective), and every rank gets the same number.
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    correct = total = 0
-    with inference(model):
-        for images, labels in shard(loader):
-            scores = class_scores(model(images.to(device)))
-            correct += int((scores.argmax(1).cpu() == labels).sum())
-            total += len(labels)
-            functional.reset_net(model)  # each batch is independent samples
-    correct, total = all_sum(correct, total)
-    if total == 0:
-        raise RunFailed("sharded_accuracy: the loader's dataset is empty")
-    return correct / total
+    from .pipeline.training import accuracy  # the one accuracy loop: it shards under torchrun
+
+    return accuracy(model, loader)
 
 
 def broadcast(value: Any, source: int = 0) -> Any:
@@ -147,6 +137,6 @@ def data_parallel(model: nn.Module, loader: DataLoader, seed: int):
     sampler = DistributedSampler(loader.dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
     sharded = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
                          num_workers=loader.num_workers, collate_fn=loader.collate_fn)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return sharded, sampler, wrapped

@@ -151,20 +151,26 @@ def cifar100(root: str | Path, val_size: int = 5000, image_size: int | None = No
 # -- image trees ------------------------------------------------------------------------
 
 
-def _class_files(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
-    """Files of ``root/<class>/...`` (classes sorted by name unless given) and their labels."""
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _class_files(root: Path, classes: list[str] | None = None, wanted: Callable[[Path], bool] = _is_image,
+                 what: str = f"images ({', '.join(sorted(IMAGE_SUFFIXES))})") -> tuple[list[Path], list[int], list[str]]:
+    """Files of ``root/<class>/...`` that ``wanted`` accepts (classes sorted by name unless given),
+    and their labels."""
     if classes is None:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not classes:
-        raise DataError(f"image folder {root} has no class sub-folders")
+        raise DataError(f"folder {root} has no class sub-folders")
     files, labels = [], []
     for label, name in enumerate(classes):
         folder = root / name
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        found = sorted(p for p in folder.rglob("*") if wanted(p)) if folder.is_dir() else []
         files += found
         labels += [label] * len(found)
     if not files:
-        raise DataError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(f"folder {root} has no {what} in its class sub-folders")
     return files, labels, classes
 
 
@@ -277,16 +283,7 @@ def _frame_folder(root: Path, frames_number: int | None, split_by: str) -> Path:
 
 
 def _frame_files(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
-    if classes is None:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = sorted((root / name).glob("*.npz"))
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        raise DataError(f"{root} has no <class>/<sample>.npz frame files")
-    return files, labels, classes
+    return _class_files(root, classes, lambda p: p.suffix == ".npz", "<sample>.npz frame files")
 
 
 def dvs_frames(root: str | Path, frames_number: int | None = None, split_by: str = "number",

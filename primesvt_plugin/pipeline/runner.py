@@ -180,11 +180,6 @@ def _predict_accuracy(artifact, loader) -> float:
     return correct / total
 
 
-def score(model: nn.Module, loader) -> float:
-    """Top-1 accuracy over ``loader``: sharded over the ranks under torchrun (the same number on each)."""
-    return distributed.sharded_accuracy(model, loader) if distributed.active() else accuracy(model, loader)
-
-
 def chance_accuracy(labels: np.ndarray, num_classes: int) -> float:
     """What a model guessing (or always predicting the commonest class) scores on ``labels``."""
     return max(1.0 / num_classes, float(np.bincount(labels).max() / len(labels)))
@@ -246,10 +241,10 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
                                      schedule=t.schedule, warmup_epochs=t.warmup_epochs, amp=t.amp)
     model.eval()
     baseline = footprint(model, example)
-    baseline_test = score(model, test)
+    baseline_test = accuracy(model, test)
     param_bytes = baseline.param_bytes
     energy_images = to_model_device(model, torch.from_numpy(data.images("val", ENERGY_SAMPLES)))
-    stages.append({"stage": "fp32", "test_accuracy": baseline_test, "val_accuracy": score(model, val),
+    stages.append({"stage": "fp32", "test_accuracy": baseline_test, "val_accuracy": accuracy(model, val),
                    "memory_bytes": baseline.total_bytes, "weight_bytes": param_bytes, "memory": baseline.as_dict(),
                    "latency_ms": model_latency_ms(model, example),
                    "energy": estimate_energy(model, energy_images).as_dict()})
@@ -263,7 +258,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
         pruned = footprint(model, example)
         saving = 1 - pruned.bytes_of(recipe.prune.memory) / baseline.bytes_of(recipe.prune.memory)
         stages.append({"stage": "pruned" + (" + finetuned" if recipe.finetune else ""),
-                       "test_accuracy": score(model, test), "val_accuracy": score(model, val),
+                       "test_accuracy": accuracy(model, test), "val_accuracy": accuracy(model, val),
                        "memory_bytes": pruned.total_bytes, "weight_bytes": pruned.param_bytes,
                        "memory": pruned.as_dict(), "memory_saving": saving,
                        "parameter_saving": 1 - pruned.param_bytes / baseline.param_bytes,
@@ -348,7 +343,7 @@ def _prune(recipe: Recipe, model, example, val, data: Datasets, chance: float, r
             finetune(model)
         report["prune"] = {"method": "uniform", "ratio": p.ratio, "plan_groups": sorted(plan)}
         return plan
-    result = prime(model, example, lambda m: score(m, val), memory_saving=p.memory_saving,
+    result = prime(model, example, lambda m: accuracy(m, val), memory_saving=p.memory_saving,
                    max_accuracy_drop=p.max_accuracy_drop, min_accuracy=p.min_accuracy, rates=p.rates,
                    objective=p.objective, round_to=p.round_to, search=p.search, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
                    progress=progress, pm=pm, chance_accuracy=chance)

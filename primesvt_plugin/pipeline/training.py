@@ -60,14 +60,19 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def accuracy(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy in [0, 1] (batches moved to the model's device); the train/eval mode is restored."""
+    """Top-1 accuracy in [0, 1] (batches moved to the model's device); the train/eval mode is restored.
+
+    Under torchrun each rank scores its shard of the loader's dataset and the counts are
+    summed, so every rank gets the same number: a collective, every rank must call it.
+    """
     correct = total = 0
     device = model_device(model)
     with inference(model):
-        for x, y in loader:
+        for x, y in distributed.shard(loader):
             x, y = x.to(device), y.to(device)
             correct += int((logits(model, x).argmax(1) == y).sum())
             total += len(y)
+    correct, total = distributed.all_sum(correct, total)
     if total == 0:
         raise DataError("cannot measure accuracy on an empty dataset: the split has no samples")
     return correct / total
