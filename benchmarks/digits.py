@@ -49,7 +49,7 @@ DROP_BUDGETS = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
 
 
 def predicted_saving(graph, groups, plan, before) -> float:
-    ledger = LedgerState(graph.model, graph.state_bytes)
+    ledger = LedgerState(graph.model, graph.state_bytes, {})  # parameters only: no RAM peak needed
     for group in groups:
         for op in group.channel_ops(plan.get(group.name, [])):
             ledger.remove(op)

@@ -170,8 +170,11 @@ def primesvt_register(registrar: Registrar) -> None:
       ``primesvt_plugin.Verification`` (test images, the PyTorch model's outputs on them,
       ``min_agreement``, ``precision``): it runs its artifact on ``verification.images``
       and calls ``verification.check(what, outputs, precision)``, which raises
-      ``ExportError`` (nothing may be written) below the agreement asked. Exporters
-      without the keyword keep working, unverified. Recipe ``export.formats``.
+      ``ExportError`` (nothing may be written) below the agreement asked (an export
+      quantized on the way passes ``min_agreement=verification.min_int8_agreement``). An
+      ``export`` accepting a ``calibration`` keyword gets one-image batches of training
+      images (numpy arrays) to calibrate a quantizer on. Exporters without these keywords
+      keep working, unverified. Recipe ``export.formats``.
 
     A name another plugin already registered raises ``PluginError`` naming both
     plugins; rename yours.

@@ -43,13 +43,13 @@ from spikingjelly.activation_based.model import spikformer
 from primesvt_plugin import MemoryAwareImportance, SpikingGraph, footprint
 from primesvt_plugin.pruning.channels import (IN, OUT, ChannelOp, bytes_per_channel, channel_slices, expand_chunks,
                                       prune_channels, restore, tp_pruning_fn, zero_channels)
-from primesvt_plugin.errors import UnhandledLayerError
+from primesvt_plugin.errors import ArgumentError, UnhandledLayerError
 from primesvt_plugin.pruning.accounting import direction_of, ops_bytes
 from primesvt_plugin.pruning.graph import PruningGroup
 from primesvt_plugin.pruning.importance import KIB, example_gradients, gradient_loss, needs_gradients
 from primesvt_plugin.pruning.spiking import fresh_forward
 from primesvt_plugin.pruning.masking import Masks
-from primesvt_plugin.pruning.memory import Footprint, LedgerState, one_sample, state_bytes
+from primesvt_plugin.pruning.memory import FP32, INT8, Footprint, LedgerState, layer_outputs, one_sample, state_bytes
 from primesvt_plugin.pruning.policy import prime
 from primesvt_plugin.plugins import hookimpl
 from primesvt_plugin.pruning.pruner import apply_plan
@@ -115,6 +115,11 @@ def scored(cost):
 
 def per_channel(cost1: float, cost2: float):
     return scored(lambda r1, r2: cost1 * len(r1) + cost2 * len(r2))
+
+
+def stored(footprint: Footprint) -> Footprint:
+    """The bytes the model holds in memory now (parameters, buffers, neuron state), without the deployed ones."""
+    return Footprint(footprint.param_bytes, footprint.buffer_bytes, footprint.state_bytes)
 
 
 def run_prime(evaluate, rates=(0.25, 0.5, 0.75), model=None, **kwargs):
@@ -340,33 +345,127 @@ def test_zero_saving_searches_nothing():
 
 def test_ledger_predicts_the_measured_footprint_after_pruning():
     model, x = net(), inputs()
-    assert footprint(model, x) == Footprint(PARAMS, 0, STATE)
+    assert stored(footprint(model, x)) == Footprint(PARAMS, 0, STATE)
     result = run_prime(per_channel(0, 0), model=model, memory="footprint", memory_saving=0.7)
     report = result.report
     assert report.plan == {"conv1": [0, 1, 2], "conv2": list(range(12))}
     # conv1: 1 channel (40 B), conv2: 4 x [1, 3, 3] + 4 (160 B), fc: 3 x 4 + 3 (60 B); state 1024 + 256
     measured = footprint(result.model, x)
-    assert measured == Footprint(40 + 160 + 60, 0, 1024 + 256)
+    assert stored(measured) == Footprint(40 + 160 + 60, 0, 1024 + 256)
     assert report.pruned.predicted_memory == report.pruned.memory == measured
     assert report.pruned.memory_saving == report.pruned.footprint_saving == 1 - measured.total_bytes / (
         PARAMS + STATE)
-    assert footprint(model, x) == Footprint(PARAMS, 0, STATE)  # the input model is a copy's source, untouched
+    assert stored(footprint(model, x)) == Footprint(PARAMS, 0, STATE)  # the input model is a copy's source, untouched
 
 
 def test_ledger_counts_each_removed_entry_once():
     model, x = net(), inputs()
     graph = SpikingGraph(model, x)
-    ledger = LedgerState(model, graph.state_bytes)
-    assert ledger.footprint() == Footprint(PARAMS, 0, STATE)
+    ledger = LedgerState(model, graph.state_bytes, layer_outputs(model, x))
+    assert stored(ledger.footprint()) == Footprint(PARAMS, 0, STATE)
     conv1 = next(g for g in graph.groups() if g.name == "conv1")
     for _ in range(2):  # the same removal twice frees its bytes once
         for op in conv1.channel_ops([1, 3]):
             ledger.remove(op)
-    assert ledger.footprint() == Footprint(PARAMS - 2 * CONV1_PARAM_BYTES, 0, STATE - 2 * 1024)
+    assert stored(ledger.footprint()) == Footprint(PARAMS - 2 * CONV1_PARAM_BYTES, 0, STATE - 2 * 1024)
     for op in conv1.channel_ops([0]):
         ledger.remove(op)
-    assert ledger.footprint() == Footprint(PARAMS - 3 * CONV1_PARAM_BYTES, 0, STATE - 3 * 1024)
-    assert footprint(model, x) == Footprint(PARAMS, 0, STATE)  # predicted, not done
+    assert stored(ledger.footprint()) == Footprint(PARAMS - 3 * CONV1_PARAM_BYTES, 0, STATE - 3 * 1024)
+    assert stored(footprint(model, x)) == Footprint(PARAMS, 0, STATE)  # predicted, not done
+
+# -- (e2) flash and RAM at the deployed precision, and budgets as targets ------------------
+# The toy net: weights 36 + 576 + 48 entries, 4 + 16 + 3 output channels, biases 23 entries. One sample's
+# largest layer output: conv1's (and lif1's) 4 x 16 x 16 = 1024 entries; neuron state 5120 B.
+INT8_FLASH = 660 * 1 + 23 * 8  # INT8: 1 B per weight entry, 8 B per output channel (scale, bias)
+FP32_RAM, INT8_RAM = STATE + 1024 * 4, STATE + 1024 * 1
+CONV2_INT8_FLASH = 36 + 8 + 3  # one conv2 channel: its 4 x 3 x 3 weights, scale and bias, fc's input column
+
+
+def test_flash_and_ram_are_counted_at_the_deployment_precision():
+    model, x = net(), inputs()
+    assert max(layer_outputs(model, x).values()) == 1024
+    fp32, int8 = footprint(model, x, FP32), footprint(model, x, INT8)
+    assert (fp32.flash_bytes, fp32.ram_bytes) == (PARAMS, FP32_RAM)
+    assert (int8.flash_bytes, int8.ram_bytes) == (INT8_FLASH, INT8_RAM)
+    assert footprint(model, x, INT8.calibrated(INT8_FLASH, INT8_FLASH + 300)).flash_bytes == INT8_FLASH + 300
+    assert int8.bytes_of("flash") == INT8_FLASH and int8.bytes_of("ram") == INT8_RAM
+
+
+@pytest.mark.parametrize("deployment", [FP32, INT8], ids=["fp32", "int8"])
+def test_ledger_predicts_flash_and_ram_after_removals(deployment):
+    model, x = net(), inputs()
+    graph = SpikingGraph(model, x)
+    ledger = LedgerState(model, graph.state_bytes, layer_outputs(model, x), deployment)
+    assert ledger.footprint() == footprint(model, x, deployment)
+    groups = {g.name: g for g in graph.groups()}
+    plan = {"conv1": [1, 3], "conv2": [0, 5, 9]}
+    for name, idxs in plan.items():
+        for op in groups[name].channel_ops(idxs):
+            ledger.remove(op)
+    predicted = ledger.footprint()
+    # conv1 halved: its output (the RAM peak) and lif1's state (4096 B) halve; lif2 loses 3 of 16 channels
+    assert predicted.state_bytes == 4096 // 2 + 1024 - 3 * 64
+    assert predicted.ram_bytes == predicted.state_bytes + 512 * deployment.activation_bytes
+    apply_plan(model, x, graph.groups(), plan)
+    assert footprint(model, x, deployment) == predicted
+
+
+def test_a_flash_budget_alone_is_the_target_and_the_search_stops_at_it():
+    budget = INT8_FLASH - 100  # three conv2 channels (43 B each) reach it, two do not
+    report = run_prime(per_channel(0, 0), memory_saving=None, flash_budget=budget, deployment=INT8,
+                       objective="target", search="bisect").report
+    assert report.constraints_met and report.constraints.flash_budget == budget
+    assert report.plan == {"conv2": [0, 1, 2]}
+    assert report.pruned.memory.flash_bytes == INT8_FLASH - 3 * CONV2_INT8_FLASH <= budget
+    assert report.pruned.predicted_memory == report.pruned.memory
+    assert report.reason.startswith(f"flash {INT8_FLASH - 3 * CONV2_INT8_FLASH:,} B <= budget {budget:,} B (int8)")
+    # a deployment whose prediction is uncertain by 50 B: the search aims 50 B lower (150 B: four channels)
+    uncertain = INT8.calibrated(INT8_FLASH, INT8_FLASH, margin_bytes=50)
+    careful = run_prime(per_channel(0, 0), memory_saving=None, flash_budget=budget, deployment=uncertain,
+                        objective="target", search="bisect").report
+    assert careful.plan == {"conv2": [0, 1, 2, 3]} and careful.constraints.flash_margin == 50
+    assert careful.reason.startswith(f"flash {INT8_FLASH - 4 * CONV2_INT8_FLASH:,} B <= budget {budget:,} B "
+                                     "(int8, 50 B margin)")
+
+
+def test_every_target_must_hold_saving_and_budgets_together():
+    # 5% of the parameters: one conv2 channel would do. The RAM budget: conv2 frees 64 B of lif2's state a
+    # channel (768 B at most), so conv1 must lose one channel too (1024 B of lif1's state, 1024 B of the peak).
+    # The search takes conv2 (largest) at its target (12), then conv1's one channel; conv1's channel alone
+    # meets both targets (616 B of parameters, 2048 B of RAM), so conv2 is trimmed back to nothing.
+    budget = FP32_RAM - 1000
+    report = run_prime(per_channel(0, 0), memory_saving=0.05, ram_budget=budget, objective="target",
+                       search="bisect").report
+    assert report.constraints_met and report.plan == {"conv1": [0]}
+    assert report.pruned.memory.ram_bytes == FP32_RAM - 2048 <= budget
+    assert report.pruned.predicted_memory == report.pruned.memory
+    conv2 = records(report)["conv2"]
+    assert conv2.target_rate == 0.75 and conv2.removed_channels == 0 and conv2.freed_bytes == 0
+    assert records(report)["conv1"].removed_channels == 1 and records(report)["conv1"].freed_bytes == CONV1_PARAM_BYTES
+    assert report.reason.startswith("memory saving") and "ram" in report.reason
+    # the paper's objective keeps every chosen group at its highest feasible rate: no trimming
+    paper = run_prime(per_channel(0, 0), memory_saving=0.05, ram_budget=budget, objective="max_saving").report
+    assert len(paper.plan["conv2"]) == 12 and len(paper.plan["conv1"]) == 3
+
+
+def test_an_impossible_budget_applies_the_best_feasible_plan_and_says_why():
+    report = run_prime(per_channel(0, U), memory_saving=None, flash_budget=100, deployment=INT8,
+                       objective="target", search="bisect").report
+    assert not report.constraints_met and report.plan  # pruned as far as the accuracy budget allows
+    assert report.pruned.memory.flash_bytes < INT8_FLASH
+    assert report.reason.startswith(f"best feasible: flash {report.pruned.memory.flash_bytes:,} B > budget 100 B")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"memory_saving": None}, "give memory_saving"),
+    ({"flash_budget": 0}, "flash_budget must be a positive whole number of bytes"),
+    ({"ram_budget": "50KB"}, "ram_budget must be a positive whole number of bytes"),
+    ({"flash_budget": 1000, "deployment": "int8"}, "deployment must be a primesvt_plugin.Deployment"),
+])
+def test_budget_arguments_are_checked(kwargs, message):
+    with pytest.raises(ArgumentError, match=message):
+        run_prime(per_channel(0, 0), **kwargs)
+
 
 
 def test_ledger_with_buffers_and_batch_norm():
@@ -375,20 +474,22 @@ def test_ledger_with_buffers_and_batch_norm():
     x = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     graph = SpikingGraph(model, x)
     before = footprint(model, x)
-    assert before == Footprint((36 + 8 + 128 + 2) * 4, 8 * 4, 4 * 16 * 4)
+    assert stored(before) == Footprint((36 + 8 + 128 + 2) * 4, 8 * 4, 4 * 16 * 4)
     (group,) = graph.groups()
-    ledger = LedgerState(model, graph.state_bytes)
+    ledger = LedgerState(model, graph.state_bytes, layer_outputs(model, x))
     for op in group.channel_ops([2]):
         ledger.remove(op)
     apply_plan(model, x, [group], {group.name: [2]})
-    assert ledger.footprint() == footprint(model, x) == Footprint((27 + 6 + 96 + 2) * 4, 6 * 4, 3 * 16 * 4)
+    assert stored(ledger.footprint()) == stored(footprint(model, x)) == Footprint((27 + 6 + 96 + 2) * 4, 6 * 4,
+                                                                                  3 * 16 * 4)
 
 
 def test_footprint_measures():
-    f = Footprint(10, 20, 30)
+    f = Footprint(10, 20, 30, 40, 50)
     assert f.total_bytes == 60 and f.as_dict() == {"param_bytes": 10, "buffer_bytes": 20, "state_bytes": 30,
-                                                   "total_bytes": 60}
+                                                   "flash_bytes": 40, "ram_bytes": 50, "total_bytes": 60}
     assert f.bytes_of("parameters") == 10 and f.bytes_of("footprint") == 60
+    assert f.bytes_of("flash") == 40 and f.bytes_of("ram") == 50
     with pytest.raises(ValueError, match="memory measure"):
         f.bytes_of("params")
 
@@ -450,7 +551,7 @@ def masked_equals_pruned(model, x, rates: dict[str, float]) -> dict[str, list[in
     groups = {g.name: g for g in graph.groups()}
     imp = tp.importance.GroupMagnitudeImportance(p=2)
     plan = {name: g.select(imp(g.importance_group), g.removable(rates.get(name, 0.5))) for name, g in groups.items()}
-    masks, ledger = Masks(), LedgerState(model, graph.state_bytes)
+    masks, ledger = Masks(), LedgerState(model, graph.state_bytes, layer_outputs(model, x), INT8)
     for name, group in groups.items():
         masks.trial(group.channel_ops(plan[name]))
         masks.commit()
@@ -460,7 +561,7 @@ def masked_equals_pruned(model, x, rates: dict[str, float]) -> dict[str, list[in
     masks.clear()
     apply_plan(model, x, list(groups.values()), plan)
     torch.testing.assert_close(fresh_forward(model, x), masked, rtol=1e-5, atol=1e-5)
-    assert ledger.footprint() == footprint(model, x)
+    assert ledger.footprint() == footprint(model, x, INT8)
     return plan
 
 
@@ -949,7 +1050,9 @@ def test_the_whole_report_on_a_known_case():
     report = typed.to_dict()
     report.pop("timings_s")
     assert report.pop("search_in_evaluation_passes") > 0
-    after = Footprint(PARAMS - 6 * CONV2_PARAM_BYTES, 0, STATE - 6 * 64)
+    # FP32 flash: the parameters; RAM: state + conv1's output (the peak, 1024 entries), unpruned
+    after = Footprint(PARAMS - 6 * CONV2_PARAM_BYTES, 0, STATE - 6 * 64, PARAMS - 6 * CONV2_PARAM_BYTES,
+                      STATE - 6 * 64 + 1024 * 4)
     conv2 = {"name": "conv2", "kind": "channels", "channels": 16, "channel_groups": 1, "memory_bytes": 16 * CONV2_BYTES,
              "param_bytes": 16 * CONV2_PARAM_BYTES, "bytes_per_channel": float(CONV2_BYTES),
              "sensitivity": [{"rate": 0.5, "removed": 8, "accuracy": 1 - 8 * U},
@@ -962,11 +1065,12 @@ def test_the_whole_report_on_a_known_case():
     saving = 1 - after.param_bytes / PARAMS
     assert report == {
         "constraints": {"memory_saving": 0.3, "memory": "parameters", "max_accuracy_drop": 8 * U, "min_accuracy": None,
-                        "accuracy_floor": 1 - 8 * U, "objective": "target", "round_to": 1},
+                        "accuracy_floor": 1 - 8 * U, "objective": "target", "round_to": 1, "flash_budget": None,
+                        "ram_budget": None, "deployment": "fp32", "flash_margin": 0},
         "constraints_met": True,
         "reason": f"memory saving {saving:.2%} >= 30.00% with accuracy {1 - 6 * U:.4f} >= {1 - 8 * U:.4f}",
         "warnings": [],
-        "baseline": {"accuracy": 1.0, "memory": Footprint(PARAMS, 0, STATE).as_dict()},
+        "baseline": {"accuracy": 1.0, "memory": Footprint(PARAMS, 0, STATE, PARAMS, FP32_RAM).as_dict()},
         "pruned": {"accuracy": 1 - 6 * U, "memory": after.as_dict(), "memory_saving": saving,
                    "footprint_saving": 1 - after.total_bytes / (PARAMS + STATE), "parameter_saving": saving,
                    "predicted_memory": after.as_dict()},
@@ -988,7 +1092,7 @@ def test_fine_tuning_that_loses_accuracy_is_reported():
     report = run_prime(per_channel(0, U), memory_saving=0.3, finetune=finetune).report
     assert report.pruned.accuracy == 1 - 8 * U and report.finetuned == Scored(1 - 10 * U)
     assert not report.constraints_met
-    assert report.reason == ("memory saving 46.85% reached, but accuracy 0.8438 after structural pruning "
+    assert report.reason == ("memory saving 46.85% >= 30.00%, but accuracy 0.8438 after structural pruning "
                                 "is below 0.8750 (masked trials stayed above it)")
 
 
@@ -996,8 +1100,8 @@ def test_no_finetune_and_empty_plans():
     report = run_prime(per_channel(1.0, 1.0), memory_saving=0.3, finetune=lambda model: 1 / 0).report
     assert report.plan == {} and report.finetuned is None  # nothing pruned: nothing to fine-tune
     assert report.pruned.accuracy == 1.0 and report.evaluations == 1 + 1 + 1  # each sweep stops at once
-    assert report.reason == ("best feasible: 0.00% memory saving; 30.00% would need more than the accuracy "
-                                "budget allows: every further rate tried fell below the floor 0.8750")
+    assert report.reason == ("best feasible: memory saving 0.00% < 30.00%; going further costs more accuracy than "
+                                "the budget allows: every further rate tried fell below the floor 0.8750")
     model = net()
     nothing = run_prime(per_channel(0, 0), model=model, ignored_layers=[model.conv1, model.conv2]).report
     assert nothing.groups == [] and nothing.plan == {} and not nothing.constraints_met
@@ -1047,7 +1151,7 @@ def test_a_neurons_batch_norm_goes_with_its_channels():
     bn = model[1].vbn
     assert [(op.layer, op.direction, op.idxs) for op in group.channel_ops([1])] == [
         (model[0], OUT, (1,)), (model[1], OUT, (1,)), (bn, OUT, (1,)), (model[3], IN, tuple(range(16, 32)))]
-    ledger = LedgerState(model, graph.state_bytes)
+    ledger = LedgerState(model, graph.state_bytes, layer_outputs(model, x))
     for op in group.channel_ops([1, 2]):
         ledger.remove(op)
     apply_plan(model, x, [group], {group.name: [1, 2]})
@@ -1076,13 +1180,13 @@ def test_one_sample_of_time_major_inputs():
 def test_ledger_bytes_are_whole_numbers():
     model, x = net(), inputs()
     graph = SpikingGraph(model, x)
-    ledger = LedgerState(model, graph.state_bytes)
+    ledger = LedgerState(model, graph.state_bytes, layer_outputs(model, x))
     conv1 = next(g for g in graph.groups() if g.name == "conv1")
     for op in conv1.channel_ops([1]):
         ledger.remove(op)
     predicted = ledger.footprint()
     assert all(type(v) is int for v in vars(predicted).values())
-    assert predicted == Footprint(PARAMS - CONV1_PARAM_BYTES, 0, STATE - 1024)
+    assert stored(predicted) == Footprint(PARAMS - CONV1_PARAM_BYTES, 0, STATE - 1024)
 
 
 def test_channel_slices_of_more_convolutions():
@@ -1109,7 +1213,7 @@ def test_fine_tuning_below_the_floor_at_exactly_the_wanted_saving():
 
     report = run_prime(per_channel(0, U), memory_saving=wanted, finetune=finetune).report
     assert report.pruned.memory_saving == wanted and not report.constraints_met
-    assert report.reason.startswith("memory saving 46.85% reached, but accuracy 0.8594 after structural pruning")
+    assert report.reason.startswith("memory saving 46.85% >= 46.85%, but accuracy 0.8594 after structural pruning")
 
 
 def test_the_progress_bar_counts_the_sweep(capsys):

@@ -3,23 +3,34 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from primesvt_plugin.pipeline.cli import main
+from primesvt_plugin.pipeline.output import resume_folder
+from primesvt_plugin.pipeline.training import read_checkpoint
 
 SMALL = ("{T: 2, in_channels: 1, img_size_h: 16, img_size_w: 16, patch_size: 4, num_classes: 10, embed_dims: 64, "
          "num_heads: 4, mlp_ratio: 4, depths: 1}")  # the default recipe's model: it learns digits in a few epochs
 
 
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_command(*args: str, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "primesvt_plugin", *args]
+
+
 def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "primesvt_plugin", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(torchrun_command(*args, processes=processes), env=TORCHRUN_ENV, capture_output=True,
+                          text=True, timeout=900)
 
 
 def write_recipe(path, body: str) -> str:
@@ -60,14 +71,37 @@ def test_search_under_torchrun_gives_the_plan_and_the_weights_of_one_process(che
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "search.yaml", "two"]  # rank 1 wrote nothing
 
 
-def test_fine_tuning_under_torchrun_completes_and_its_loss_decreases(checkpoint, tmp_path):
+def interrupted_after_the_first_checkpoint(args: list[str], checkpoint: Path) -> int:
+    """torchrun ``args``, stopped with SIGTERM (what a cluster's scheduler sends) once ``checkpoint`` exists."""
+    process = subprocess.Popen(torchrun_command(*args), env=TORCHRUN_ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=120)
+
+
+def test_fine_tuning_under_torchrun_completes_and_resumes_where_a_stop_left_it(checkpoint, tmp_path):
     recipe = search_recipe(tmp_path, checkpoint, "finetune: {epochs: 3, lr: 0.001}\n")
-    result = torchrun("run", recipe, "--out", str(tmp_path / "out"), "--quiet")
+    result = torchrun("run", recipe, "--out", str(tmp_path / "whole"), "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
     losses = report["finetune_loss"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert report["stages"][-1]["stage"] == "pruned + finetuned"
+
+    saved = resume_folder(tmp_path / "cut") / "finetune.pt"
+    stopped = interrupted_after_the_first_checkpoint(["run", recipe, "--out", str(tmp_path / "cut"), "--quiet"], saved)
+    assert stopped != 0 and saved.is_file() and not (tmp_path / "cut").exists()
+    assert 1 <= read_checkpoint(saved)["epoch"] < 3  # stopped part-way: there is something left to resume
+    result = torchrun("run", recipe, "--out", str(tmp_path / "cut"), "--quiet", "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert resumed["finetune_loss"] == losses and resumed["prune"]["plan"] == report["prune"]["plan"]
+    weights = [torch.load(tmp_path / name / "state_dict.pt") for name in ("whole", "cut")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not saved.parent.exists()  # done: the output supersedes the checkpoint
 
 
 FAILING_BUILDER = '''

@@ -31,6 +31,10 @@ def test_energy_per_image_counts_operations_and_falls_after_pruning():
     assert set(before.spike_rates) >= {"patch_embed.stages.0.neuron", "blocks.0.mlp.neuron1"}
     assert all(0.0 <= rate <= 1.0 for rate in before.spike_rates.values())
     assert any(rate > 0 for rate in before.spike_rates.values())
+    terms = before.breakdown_pj  # per image, like the totals; neuron-state traffic is its own term
+    assert terms["mac_pj"] + terms["ac_pj"] == pytest.approx(before.compute_pj)
+    assert terms["parameter_memory_pj"] + terms["neuron_state_memory_pj"] == pytest.approx(before.memory_pj)
+    assert terms["neuron_state_memory_pj"] > 0
     SpikingPruner(model, images[:2], pruning_ratio=0.5).step()
     after = estimate_energy(model, images)
     assert after.macs < before.macs and after.memory_access_bytes < before.memory_access_bytes
@@ -60,3 +64,20 @@ def test_spike_rates_are_mean_outputs_and_the_model_is_left_as_it_was():
 def test_unknown_energy_precision_is_refused():
     with pytest.raises(ArgumentError, match="energy precision must be one of fp32, fp16, int8"):
         estimate_energy(firing_spikformer(), torch.rand(1, 1, 16, 16), precision="int4")
+
+
+def test_our_neuron_state_bytes_agree_with_op_counters_state_traffic():
+    """Cross-check of the ledger's neuron state (bytes per sample, from one forward) against op_counter,
+    which counts the state every neuron reads at every time step of every sample."""
+    from spikingjelly.activation_based.op_counter import estimate_simple_energy
+
+    from primesvt_plugin.pruning.memory import state_bytes
+
+    model, images = firing_spikformer(), torch.rand(4, 1, 16, 16)
+    ours = sum(state_bytes(model, images).values())
+    counts = estimate_simple_energy(model, images).counts
+    assert counts["neuron_state_read_bytes"] == counts["neuron_state_write_bytes"] == ARGS["T"] * len(images) * ours
+    SpikingPruner(model, images[:2], pruning_ratio=0.5).step()  # and after pruning, on the smaller model
+    pruned = sum(state_bytes(model, images).values())
+    assert pruned < ours
+    assert estimate_simple_energy(model, images).counts["neuron_state_read_bytes"] == ARGS["T"] * len(images) * pruned

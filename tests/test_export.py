@@ -10,7 +10,7 @@ from pathlib import Path
 
 from primesvt_plugin.deploy.export import (ExportError, Verification, compile_openvino, compiled_precision, exportable,
                                            predict_compiled, run_openvino, to_onnx, to_openvino, to_openvino_model)
-from primesvt_plugin.deploy.quantization import OpenVINOArtifact, load_quantized, quantize_int8
+from primesvt_plugin.deploy.quantization import OpenVINOArtifact, load_quantized, onnx_int8, quantize_int8
 from primesvt_plugin.errors import CheckpointError
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
 
@@ -193,3 +193,31 @@ def test_openvino_fp32_matches_and_int8_runs(name):
     # INT8 rounds activations and weights, so more spikes flip (measured 94-100% agreement on these models);
     # a quantization that broke the model would keep few of the PyTorch model's decisions.
     assert verification.check("int8", run_openvino(int8, x.numpy()), "f32")["agreement"] >= 0.75
+
+
+def test_int8_onnx_is_qdq_and_keeps_the_models_decisions_on_onnxruntime(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model, x = firing("spikformer"), many_images(32)
+    verification = Verification.of(model, x.numpy(), min_int8_agreement=0.75)
+    calibration = [x[i:i + 1].numpy() for i in range(16)]
+    (path,) = onnx_int8(model, x[:1], tmp_path / "model_int8.onnx", calibration, verification, subset_size=16)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # judged independently of the exporter's own check: onnxruntime's decisions against PyTorch's
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = np.concatenate([session.run(None, {"images": x[i:i + 1].numpy()})[0] for i in range(32)], axis=1)
+    agreement = (outputs.mean(0).argmax(-1) == verification.reference.mean(0).argmax(-1)).mean()
+    assert agreement >= 0.75 and verification.results["INT8 ONNX (QDQ) export"]["agreement"] == agreement
+    assert verification.results["INT8 ONNX (QDQ) export"]["precision"] == "int8 on onnxruntime"
+
+
+def test_int8_onnx_disagreeing_with_the_model_is_refused_and_not_written(tmp_path):
+    pm = new_plugin_manager()
+    pm.register(SilentLIF(), name="silent")
+    model, x = firing("spikformer"), many_images(32)
+    verification = Verification.of(model, x.numpy(), min_int8_agreement=0.75)
+    with pytest.raises(ExportError, match=r"INT8 ONNX \(QDQ\) export agrees with the PyTorch model on"):
+        onnx_int8(model, x[:1], tmp_path / "m.onnx", [x[:1].numpy()], verification, subset_size=1, pm=pm)
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ from spikingjelly.activation_based.model import spikformer
 from primesvt_plugin import SpikingGraph, footprint
 from primesvt_plugin.pipeline.data import digits_splits
 from primesvt_plugin.pruning.masking import Masks
-from primesvt_plugin.pruning.memory import LedgerState
+from primesvt_plugin.pruning.memory import LedgerState, layer_outputs
 from primesvt_plugin.pruning.policy import EvaluationError, prime
 from primesvt_plugin.pruning.pruner import apply_plan
 from primesvt_plugin.pipeline.training import accuracy, train
@@ -127,7 +127,7 @@ def test_masking_equals_pruning_and_ledger_predicts_memory(name, images):
     groups = graph.groups()
     imp = tp.importance.GroupMagnitudeImportance(p=2)
     plan = {g.name: g.select(imp(g.importance_group), g.removable(0.4)) for g in groups}
-    masks, ledger = Masks(), LedgerState(model, graph.state_bytes)
+    masks, ledger = Masks(), LedgerState(model, graph.state_bytes, layer_outputs(model, images))
     for g in groups:
         masks.trial(g.channel_ops(plan[g.name]))
         masks.commit()

@@ -47,7 +47,7 @@ def test_default_recipe_meets_its_promises(tmp_path, capsys):
     assert fp32["test_accuracy"] - int8["test_accuracy"] <= 0.03
     assert int8["weight_bytes"] == (out / "model_int8.bin").stat().st_size
     for name in ["model.pt", "model.onnx", "model.xml", "model.bin", "model_int8.xml", "report.md",
-                 "sensitivity.png"]:
+                 "sensitivity.png", "spike_rates.png"]:
         assert (out / name).is_file(), name
     # the pruned model loads in one call, bit for bit, and the ONNX export computes the same outputs
     model = load_pruned(out / "model.pt")
@@ -150,6 +150,10 @@ BAD_RECIPES = {
     "unknown data argument": ("model: {name: spikformer}\ndata: {name: digits, args: {bogus: 1}}\nprune: {}\n",
                               "data.args"),
     "unknown quantizer argument": ("model: {name: spikformer}\nquantize: {args: {bogus: 1}}\n", "quantize.args"),
+    "budget not bytes": ("model: {name: spikformer}\nprune: {flash_budget: 50 parsecs}\n", "prune.flash_budget"),
+    "budget not positive": ("model: {name: spikformer}\nprune: {ram_budget: 0}\n", "prune.ram_budget"),
+    "budget with uniform": ("model: {name: spikformer}\nprune: {method: uniform, flash_budget: 50KB}\n",
+                            "use method: prime"),
 }
 
 
@@ -164,6 +168,53 @@ def test_bad_recipe_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(recipe.name) in err and expected in err, err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_budgets_read_bytes_with_units_and_replace_the_default_saving(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: spikformer}\nprune: {flash_budget: 50KB, ram_budget: 64KiB}\n")
+    prune = load_recipe(recipe).prune
+    assert (prune.flash_budget, prune.ram_budget, prune.memory_saving) == (50_000, 65_536, 0.0)
+    both = load_recipe(recipe, ["prune.memory_saving=0.3"]).prune  # asked for: both targets hold
+    assert (both.flash_budget, both.memory_saving) == (50_000, 0.3)
+
+
+def test_flash_recipe_meets_its_budgets_on_the_written_files(tmp_path):
+    """The shipped flash-budget recipe: INT8 weights <= 12% of the unpruned FP32 parameters, 1.5 points."""
+    out = tmp_path / "flash"
+    assert run_cli(str(RECIPES / "spikformer_digits_flash.yaml"), "--out", str(out)) == 0
+    report = read_report(out)
+    recipe = load_recipe(RECIPES / "spikformer_digits_flash.yaml")
+    assert all(check["ok"] for check in report["checks"].values()), report["checks"]
+    written = (out / "model_int8.bin").stat().st_size
+    assert written <= recipe.prune.flash_budget and written == report["stages"][-1]["weight_bytes"]
+    assert report["stages"][1]["memory"]["ram_bytes"] <= recipe.prune.ram_budget
+    # the search worked on a prediction calibrated on the unpruned model's file: it stays close to the file,
+    # and aimed below the budget by a headroom for what the prediction cannot see
+    predicted = report["prune"]["pruned"]["memory"]["flash_bytes"]
+    headroom = report["deployment"]["headroom_bytes"]
+    assert abs(predicted - written) <= headroom and 0 < headroom <= 0.01 * report["deployment"]["unpruned_flash_bytes"]
+    constraints = report["prune"]["constraints"]
+    assert (constraints["flash_budget"], constraints["flash_margin"]) == (recipe.prune.flash_budget, headroom)
+    assert "baseline above chance level" in report["checks"]
+    assert {layer["precision"] for layer in report["layers"]} == {"int8"}
+    assert any(layer["out"][0] < layer["out"][1] for layer in report["layers"])
+    markdown = (out / "report.md").read_text()
+    assert "## Device memory (at int8)" in markdown and "output channels kept" in markdown
+
+
+def test_impossible_budget_writes_the_best_feasible_plan_and_exits_3(tmp_path, capsys):
+    out = tmp_path / "tight"
+    assert run_cli(str(RECIPES / "prune_only.yaml"), "--out", str(out), *LEARNED,
+                   "--set", "prune.flash_budget=2000", "--set", "prune.memory_saving=0") == 3
+    err = capsys.readouterr().err
+    assert "flash <= 2000 B" in err and "the outputs were written" in err
+    report = read_report(out)
+    assert report["prune"]["reason"].startswith("best feasible: flash ")
+    assert "> budget 2,000 B (fp32)" in report["prune"]["reason"]
+    assert not report["checks"]["flash <= 2000 B"]["ok"] and report["prune"]["plan"]
+    pruned = load_pruned(out / "model.pt")  # the best feasible plan, written and loadable
+    assert sum(p.numel() * 4 for p in pruned.parameters()) < report["stages"][0]["weight_bytes"]
 
 
 def test_console_script_exit_code_and_validate(tmp_path):

@@ -29,7 +29,7 @@ from primesvt_plugin.pipeline.training import (Distillation, TrainingState, accu
 from primesvt_plugin.plugins import build_model
 from primesvt_plugin.pruning.graph import SpikingGraph
 from primesvt_plugin.pruning.masking import Masks
-from primesvt_plugin.pruning.memory import LedgerState, footprint
+from primesvt_plugin.pruning.memory import LedgerState, footprint, layer_outputs
 from primesvt_plugin.pruning.policy import prime
 from primesvt_plugin.pruning.pruner import SpikingPruner, apply_plan
 from primesvt_plugin.pruning.spiking import fresh_forward, model_device
@@ -374,7 +374,7 @@ def test_ledger_prediction_equals_the_measured_footprint_on_a_device(device, ima
     groups = graph.groups()
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     plan = {g.name: g.select(importance(g.importance_group), g.removable(0.4)) for g in groups}
-    masks, ledger = Masks(), LedgerState(model, graph.state_bytes)
+    masks, ledger = Masks(), LedgerState(model, graph.state_bytes, layer_outputs(model, images))
     assert {alive.device.type for alive in ledger.alive.values()} == {device}
     for g in groups:
         ops = g.channel_ops(plan[g.name])

@@ -1,10 +1,12 @@
-"""Exporters (recipe ``export.formats``): TorchScript, ONNX, OpenVINO IR, each verified before it is written."""
+"""Exporters (recipe ``export.formats``): TorchScript, ONNX, INT8 ONNX (QDQ), OpenVINO IR, each verified
+before it is written."""
 from __future__ import annotations
 
 import torch
 
 from ..deploy.export import (ExportError, Verification, cpu_model, exportable, predict_batches, to_onnx, to_openvino,
                       verification_or_example)
+from ..deploy.quantization import onnx_int8
 from ..plugins import hookimpl
 
 
@@ -33,3 +35,5 @@ def primesvt_register(registrar):
         model, example_input, path.with_suffix(".onnx"), verification=verification))
     registrar.exporters.add("openvino", lambda model, example_input, path, verification=None: to_openvino(
         model, example_input, path.with_suffix(".xml"), verification=verification))
+    registrar.exporters.add("onnx_int8", lambda model, example_input, path, calibration, verification=None: onnx_int8(
+        model, example_input, path.with_name(path.name + "_int8.onnx"), calibration, verification=verification))

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from ..errors import ArgumentError, ExportError
+from ..errors import ArgumentError, ExportError, first_line
 from ..plugins import get_plugin_manager
 from ..pruning.spiking import (class_scores, fresh_forward, inference, model_device, overridden_forward,
                                stateful_modules, to_model_device)
@@ -69,6 +69,7 @@ def exportable(model: nn.Module, pm: pluggy.PluginManager | None = None) -> Iter
 
 PRECISIONS = ("f32", "bf16", "f16")
 DEFAULT_MIN_AGREEMENT = 0.995
+DEFAULT_MIN_INT8_AGREEMENT = 0.95
 
 
 def compile_openvino(ov_model, precision: str = "f32"):
@@ -135,6 +136,7 @@ class Verification:
     reference: np.ndarray
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     precision: str = "f32"
+    min_int8_agreement: float = DEFAULT_MIN_INT8_AGREEMENT  # for exports quantized on the way
     results: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
@@ -145,17 +147,19 @@ class Verification:
         # and blame the export for it.
         return cls(images, predict_torch(cpu_model(model), images), **options)
 
-    def check(self, what: str, outputs: np.ndarray, precision: str) -> dict:
-        """Record how ``outputs`` (the export's, on ``images``) agree; refuse below ``min_agreement``."""
+    def check(self, what: str, outputs: np.ndarray, precision: str, min_agreement: float | None = None) -> dict:
+        """Record how ``outputs`` (the export's, on ``images``) agree; refuse below ``min_agreement``
+        (the verification's own unless given)."""
+        min_agreement = self.min_agreement if min_agreement is None else min_agreement
         if outputs.shape != self.reference.shape:
             raise ExportError(f"{what} outputs shape {outputs.shape}, the PyTorch model {self.reference.shape}; "
                               "not written")
         agreement = float((class_scores(outputs).argmax(-1) == class_scores(self.reference).argmax(-1)).mean())
         gap = float(np.abs(outputs - self.reference).max())
         result = {"agreement": agreement, "samples": len(self.images), "max_logit_gap": gap, "precision": precision}
-        if agreement < self.min_agreement:
+        if agreement < min_agreement:
             raise ExportError(f"{what} agrees with the PyTorch model on {agreement:.2%} of {len(self.images)} "
-                              f"samples at {precision} (needs {self.min_agreement:.2%}; largest logit gap "
+                              f"samples at {precision} (needs {min_agreement:.2%}; largest logit gap "
                               f"{gap:.3g}); not written")
         self.results[what] = result
         return result
@@ -180,16 +184,24 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, pm=None,
                               input_names=["images"], output_names=["outputs"])
         except Exception as error:
             raise ExportError(f"ONNX export failed: {error}") from error
-    try:
+    with removed_unless_verified(path, "the exported ONNX file does not run"):
         compiled = compile_openvino(ov.Core().read_model(str(path)), verification.precision)
         outputs = predict_batches(lambda batch: compiled(batch)[0], verification.images, len(example_input))
         verification.check("ONNX export", outputs, compiled_precision(compiled))
+    return [path]
+
+
+@contextlib.contextmanager
+def removed_unless_verified(path: Path, failure: str) -> Iterator[None]:
+    """Inside: run and check the file just written at ``path``; any error deletes it (an unverified
+    export is never left behind) and is raised as an ``ExportError`` starting with ``failure``."""
+    try:
+        yield
     except Exception as error:
-        path.unlink()
+        path.unlink(missing_ok=True)
         if isinstance(error, ExportError):
             raise
-        raise ExportError(f"the exported ONNX file does not run: {error}") from error
-    return [path]
+        raise ExportError(f"{failure}: {first_line(error)}") from error
 
 
 def to_openvino_model(model: nn.Module, example_input: torch.Tensor, pm=None):

@@ -1,8 +1,10 @@
 """Quantization: NNCF INT8 on the OpenVINO IR, and the artifact a quantizer hands back
-(it saves itself, predicts, and knows its size and speed)."""
+(it saves itself, predicts, and knows its size and speed); NNCF INT8 on ONNX (QDQ) for
+runtimes other than OpenVINO, checked on onnxruntime."""
 from __future__ import annotations
 
 import functools
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -12,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ExportError, first_line
-from .export import (compile_openvino, compiled_precision, predict_compiled, save_openvino,
-                     to_openvino_model)
+from .export import (Verification, compile_openvino, compiled_precision, predict_batches, predict_compiled,
+                     removed_unless_verified, save_openvino, to_onnx, to_openvino_model, verification_or_example)
 from .latency import median_ms
 
 
@@ -85,3 +87,42 @@ def nncf_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
               subset_size: int = 300, inference_precision: str = "f32") -> OpenVINOArtifact:
     """NNCF INT8 (weights and activations) on the OpenVINO IR of ``model``; float ops run at ``inference_precision``."""
     return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size), inference_precision)
+
+
+def onnx_int8(model: nn.Module, example_input: torch.Tensor, path: Path, calibration: Iterable[np.ndarray],
+              verification: Verification | None = None, subset_size: int | None = None, pm=None) -> list[Path]:
+    """Write ``path`` (.onnx): INT8 in QDQ form (NNCF on the ONNX graph: QuantizeLinear/DequantizeLinear
+    pairs any ONNX runtime folds into INT8 kernels), verified by decisions on onnxruntime.
+    Calibrated on ``subset_size`` of the ``calibration`` batches (all of them by default).
+
+    The INT8 model is held to ``verification.min_int8_agreement`` with the PyTorch model: rounding
+    weights and activations to 8 bits flips some spikes, which the FP32 exports' bar would refuse.
+    """
+    import nncf
+    import onnx
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("the onnx_int8 export is checked on onnxruntime: pip install 'primesvt-plugin[onnx]'") from None
+    batches = [np.asarray(batch, dtype=np.float32) for batch in calibration]
+    if not batches:
+        raise ExportError("the onnx_int8 export needs at least one calibration batch")
+    verification = verification_or_example(model, example_input, verification)
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = Path(folder) / "fp32.onnx"
+        # the FP32 graph is an intermediate: only the INT8 file is judged (and written)
+        to_onnx(model, example_input, fp32, pm, Verification.of(model, example_input.cpu().numpy(), min_agreement=0.0))
+        try:
+            quantized = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(batches, lambda batch: {"images": batch}),
+                                      subset_size=subset_size or len(batches))
+        except Exception as error:
+            raise ExportError(f"NNCF could not quantize the ONNX model: {first_line(error)}") from error
+    onnx.save(quantized, str(path))
+    with removed_unless_verified(path, "the INT8 ONNX file does not run on onnxruntime"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = predict_batches(lambda batch: session.run(None, {"images": batch})[0], verification.images,
+                                  len(example_input))
+        verification.check("INT8 ONNX (QDQ) export", outputs, "int8 on onnxruntime",
+                           min_agreement=verification.min_int8_agreement)
+    return [path]

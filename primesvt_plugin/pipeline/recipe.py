@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import RecipeError
 
@@ -62,8 +62,15 @@ class TrainSection(ScheduleFields):
 
 class PruneSection(Section):
     method: Literal["prime", "uniform"] = "prime"
-    memory_saving: float = Field(0.2668, ge=0, lt=1, description="wanted fraction of memory saved")
+    memory_saving: float = Field(0.2668, ge=0, lt=1, description="wanted fraction of memory saved (0 when only "
+                                                                  "budgets are given)")
     memory: Literal["parameters", "footprint"] = Field("parameters", description="what memory_saving measures")
+    flash_budget: ByteSize | None = Field(None, gt=0, description="most bytes of weights on the device (53976, "
+                                                                  "'50KB' = 50,000, '50KiB' = 51,200), at INT8 "
+                                                                  "when the recipe quantizes, else FP32")
+    ram_budget: ByteSize | None = Field(None, gt=0, description="most bytes of neuron state + buffers + the "
+                                                                "largest layer output, one sample (attention's "
+                                                                "matrix products not counted)")
     max_accuracy_drop: float | None = Field(0.02, ge=0, le=1, description="allowed validation accuracy drop (0-1)")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="lowest validation accuracy allowed (0-1)")
     rates: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
@@ -82,6 +89,17 @@ class PruneSection(Section):
     def _has_accuracy_budget(self) -> "PruneSection":
         if self.method == "prime" and self.max_accuracy_drop is None and self.min_accuracy is None:
             raise ValueError("prime needs max_accuracy_drop and/or min_accuracy")
+        return self
+
+    @model_validator(mode="after")
+    def _budgets_replace_the_default_saving(self) -> "PruneSection":
+        # memory_saving has a default (the paper's 26.68%); budgets given without it are the only target
+        budgets = self.flash_budget or self.ram_budget
+        if budgets and self.method != "prime":
+            raise ValueError("flash_budget and ram_budget are targets of the prime method's search; "
+                             "use method: prime (uniform prunes a fixed ratio)")
+        if budgets and "memory_saving" not in self.model_fields_set:
+            self.memory_saving = 0.0
         return self
 
     @field_validator("rates")
@@ -123,6 +141,8 @@ class ExportSection(Section):
                            "and the INT8 model's evaluation; f32 unless the target runs bf16/f16 (spikes may flip)")
     min_agreement: float = Field(0.995, gt=0, le=1, description="top-1 agreement with the PyTorch model an "
                                                                  "export needs on the test samples to be written")
+    min_int8_agreement: float = Field(0.95, gt=0, le=1, description="the same for exports quantized on the way "
+                                                                     "(onnx_int8): 8-bit rounding flips some spikes")
     verify_samples: int = Field(1000, gt=0, description="test samples exports are verified on (at most)")
 
 

@@ -40,6 +40,7 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['detail']}")
     if report.get("prune") and "groups" in report["prune"]:
         lines += _groups_table(PrimeReport.from_dict(report["prune"]))
+    lines += _device_memory(report)
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in report["files"]]
     path.write_text("\n".join(lines) + "\n")
 
@@ -54,6 +55,29 @@ def _groups_table(prime: PrimeReport) -> list[str]:
         lines.append(f"| {g.name} | {g.channels} | {_kib(g.param_bytes)} | {_kib(g.memory_bytes)} "
                      f"| {g.target_rate:.1f} | {g.chosen_rate:.1f} | {g.removed_channels} | {_kib(g.freed_bytes)} |")
     return lines + ["", f"Policy: {prime.reason}; {prime.evaluations} evaluations; timings {prime.timings_s}."]
+
+
+def _device_memory(report: dict) -> list[str]:
+    """Flash and RAM at the deployed precision, and each conv/linear layer's kept channels and precision."""
+    deployment = report.get("deployment", {})
+    lines = ["", f"## Device memory (at {deployment.get('precision', 'fp32')})", "",
+             "Flash: the weight file (measured for a quantized stage; else conv/linear weights at the deployed "
+             "precision, plus per output channel its scale and bias, plus the other tensors). RAM: neuron state + "
+             "buffers + the largest layer output for one sample (all time steps), activations at the deployed "
+             "precision.", "", "| stage | flash | RAM |", "|---|---|---|"]
+    for stage in report["stages"]:
+        memory = stage.get("memory") or {}
+        flash = stage.get("weight_bytes") if "memory" not in stage else memory.get("flash_bytes")
+        lines.append(f"| {stage['stage']} | {_bytes(flash)} | {_bytes(memory.get('ram_bytes'))} |")
+    if report.get("layers"):
+        lines += ["", "| layer | output channels kept | input channels kept | precision |", "|---|---|---|---|"]
+        lines += [f"| {layer['layer']} | {layer['out'][0]} / {layer['out'][1]} | {layer['in'][0]} / {layer['in'][1]} "
+                  f"| {layer['precision']} |" for layer in report["layers"]]
+    return lines
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n:,} B"
 
 
 def plot_sensitivity(prime: PrimeReport, path: Path) -> None:
@@ -73,6 +97,26 @@ def plot_sensitivity(prime: PrimeReport, path: Path) -> None:
     right.set(xlabel="KiB", title="Memory per group")
     right.tick_params(axis="y", labelsize=6)
     right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_spike_rates(stages: list[dict], path: Path) -> None:
+    """Firing rate of every spiking layer in each stage that measured energy (unpruned, pruned, ...)."""
+    measured = [stage for stage in stages if stage.get("energy") and stage["energy"]["spike_rates"]
+                and stage["energy"]["precision"] == "fp32"]
+    layers = list(dict.fromkeys(name for stage in measured for name in stage["energy"]["spike_rates"]))
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(layers) + 1.5))
+    height = 0.8 / max(len(measured), 1)
+    for i, stage in enumerate(measured):
+        rates = stage["energy"]["spike_rates"]
+        ax.barh([j + i * height for j in range(len(layers))], [rates.get(name, 0.0) for name in layers], height,
+                label=stage["stage"])
+    ax.set_yticks([j + height * (len(measured) - 1) / 2 for j in range(len(layers))], layers, fontsize=6)
+    ax.invert_yaxis()
+    ax.set(xlabel="spikes per neuron per time step (validation images)", title="Firing rate per spiking layer")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -36,6 +36,7 @@ class Energy:
     compute_pj: float
     memory_pj: float
     spike_rates: dict[str, float] = field(default_factory=dict)  # spiking layer -> mean firing rate
+    breakdown_pj: dict[str, float] = field(default_factory=dict)  # op_counter's terms: MACs, ACs, weight and state traffic
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,4 +77,5 @@ def estimate_energy(model: nn.Module, images: torch.Tensor, precision: str = "fp
                   synaptic_ops=(counts["ac"] + counts.get("synop", 0)) * per_image,
                   memory_access_bytes=counts["memory_access_bytes"] * per_image,
                   energy_pj=report.energy_total_pj * per_image, compute_pj=report.energy_compute_pj * per_image,
-                  memory_pj=report.energy_memory_pj * per_image, spike_rates=spike_rates(model, images))
+                  memory_pj=report.energy_memory_pj * per_image, spike_rates=spike_rates(model, images),
+                  breakdown_pj={term: pj * per_image for term, pj in report.breakdown_pj.items()})

@@ -7,10 +7,19 @@ policy can try many pruning plans cheaply; tests check prediction == measurement
 Neuron state is the membrane potential (and any other registered memory) a
 spiking layer keeps between time steps for *one* input sample; on a device it
 must live in RAM next to the weights for the whole inference.
+
+A device has two memories, and a ``Deployment`` says how the model sits in them:
+
+- *flash* (the weight file): conv/linear weight entries at ``weight_bytes`` each, plus
+  ``channel_bytes`` per output channel of those weights (a quantizer's scale and the folded
+  bias), plus the other parameters and buffers at ``other_bytes`` each, plus ``file_bytes``
+  the runtime's file adds (measured once on the unpruned model: ``calibrated``);
+- *RAM*: neuron state + buffers (at ``other_bytes``) + the largest output of any layer for
+  one sample (all time steps, as a multi-step model holds it) at ``activation_bytes`` per entry.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable
 
 import torch
@@ -21,11 +30,37 @@ from .channels import ChannelOp, channel_slices
 from .spiking import inference, one_sample, stateful_modules, to_model_device
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """Bytes per entry of each kind of tensor on the target device (see the module docstring)."""
+
+    name: str = "fp32"
+    weight_bytes: float = 4  # per entry of a conv/linear weight
+    channel_bytes: float = 0  # per output channel of a conv/linear weight
+    other_bytes: float = 4  # per entry of the other parameters and buffers
+    activation_bytes: float = 4  # per entry of a layer's output
+    file_bytes: int = 0  # what the weight file adds beyond the tensors
+    margin_bytes: int = 0  # how far below a flash budget the search aims: the prediction's uncertainty
+
+    def calibrated(self, predicted_flash: int, measured_flash: int, margin_bytes: int = 0) -> "Deployment":
+        """This deployment with ``file_bytes`` set so that its flash prediction equals a measured file,
+        and ``margin_bytes`` kept free below a flash budget."""
+        return replace(self, file_bytes=self.file_bytes + measured_flash - predicted_flash, margin_bytes=margin_bytes)
+
+
+FP32 = Deployment()
+# NNCF INT8 on OpenVINO IR, measured on trained Spikformers: 1 B per weight entry, about 8 B per output channel of a
+# quantized layer (its scale and its bias, batch norms folded in), the other tensors no separate bytes.
+INT8 = Deployment("int8", weight_bytes=1, channel_bytes=8, other_bytes=0, activation_bytes=1)
+
+
 @dataclass
 class Footprint:
     param_bytes: int
     buffer_bytes: int
     state_bytes: int
+    flash_bytes: int = 0  # at the deployment's precision (see ``Deployment``)
+    ram_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -35,21 +70,74 @@ class Footprint:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
     def bytes_of(self, measure: str) -> int:
-        """``parameters``: parameter bytes (the paper's memory); ``footprint``: + buffers + neuron state."""
+        """``parameters``: parameter bytes (the paper's memory); ``footprint``: + buffers + neuron state;
+        ``flash`` / ``ram``: the device's two memories at the deployment's precision."""
         if measure not in MEASURES:
             raise ArgumentError(f"memory measure must be one of {MEASURES}, got {measure!r}")
-        return self.param_bytes if measure == "parameters" else self.total_bytes
+        return {"parameters": self.param_bytes, "footprint": self.total_bytes, "flash": self.flash_bytes,
+                "ram": self.ram_bytes}[measure]
 
 
-MEASURES = ("parameters", "footprint")
-
-
+MEASURES = ("parameters", "footprint", "flash", "ram")
+SAVING_MEASURES = ("parameters", "footprint")  # what a memory_saving (and the ranking) may count
 
 
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def quantized_weights(model: nn.Module) -> dict[int, int]:
+    """``id(weight) -> its output-channel dim`` for every conv/linear weight (what a quantizer makes INT8)."""
+    return {id(m.weight): 1 if getattr(m, "transposed", False) else 0 for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight is not None}
+
+
+def _kept_rows(alive: torch.Tensor, dim: int) -> int:
+    """Slices along ``dim`` with any entry alive."""
+    return int(alive.movedim(dim, 0).reshape(alive.shape[dim], -1).any(1).sum())
+
+
+def _deployed(tensors: list[tuple[torch.Tensor, torch.Tensor | None]], quantized: dict[int, int],
+              state: int, outputs: Iterable[float], deployment: Deployment) -> tuple[int, int]:
+    """(flash, RAM) bytes of ``tensors`` (each with its alive mask, None: all alive) under ``deployment``."""
+    flash, buffers = float(deployment.file_bytes), 0
+    for tensor, alive in tensors:
+        entries = tensor.numel() if alive is None else int(alive.sum())
+        if id(tensor) in quantized:
+            dim = quantized[id(tensor)]
+            rows = tensor.shape[dim] if alive is None else _kept_rows(alive, dim)
+            flash += entries * deployment.weight_bytes + rows * deployment.channel_bytes
+        else:
+            flash += entries * deployment.other_bytes
+        if not isinstance(tensor, nn.Parameter):  # a runtime folding batch norms keeps none (INT8: other_bytes 0)
+            buffers += entries * deployment.other_bytes
+    peak = max(outputs, default=0)
+    return round(flash), round(state + buffers + peak * deployment.activation_bytes)
+
+
+def layer_outputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
+    """Entries of each layer's output for one sample (all time steps), in the order the layers first run.
+
+    Layers: the leaf modules and the spiking neurons (whose inner modules are the neuron's business).
+    """
+    stateful = stateful_modules(model)
+    inner = {m for neuron in stateful for m in neuron.modules() if m is not neuron}
+    layers = [m for m in model.modules() if m not in inner and (m in stateful or not any(m.children()))]
+    outputs: dict[nn.Module, int] = {}
+
+    def record(module, _inputs, output):
+        tensors = output if isinstance(output, (tuple, list)) else [output]
+        outputs[module] = max(outputs.get(module, 0), sum(t.numel() for t in tensors
+                                                          if isinstance(t, torch.Tensor) and t.is_floating_point()))
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    try:
+        with inference(model):
+            model(one_sample(model, to_model_device(model, example_inputs)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
 
 
 def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
@@ -60,12 +148,16 @@ def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Modul
                 for m in stateful_modules(model)}
 
 
-def footprint(model: nn.Module, example_inputs: torch.Tensor) -> Footprint:
-    """Measure parameter, buffer and per-sample neuron-state bytes of ``model``."""
+def footprint(model: nn.Module, example_inputs: torch.Tensor, deployment: Deployment = FP32) -> Footprint:
+    """Measure parameter, buffer and per-sample neuron-state bytes of ``model``, and its flash and RAM
+    bytes under ``deployment``."""
+    state = sum(state_bytes(model, example_inputs).values())
+    flash, ram = _deployed([(t, None) for t in _float_tensors(model)], quantized_weights(model), state,
+                           layer_outputs(model, example_inputs).values(), deployment)
     return Footprint(
         param_bytes=_tensor_bytes(p for p in model.parameters() if p.is_floating_point()),
         buffer_bytes=_tensor_bytes(b for b in model.buffers() if b.is_floating_point()),
-        state_bytes=sum(state_bytes(model, example_inputs).values()),
+        state_bytes=state, flash_bytes=flash, ram_bytes=ram,
     )
 
 
@@ -76,13 +168,22 @@ class LedgerState:
     without modifying the model.
     """
 
-    def __init__(self, model: nn.Module, neuron_state: dict[nn.Module, int]):
+    def __init__(self, model: nn.Module, neuron_state: dict[nn.Module, int], outputs: dict[nn.Module, int],
+                 deployment: Deployment = FP32):
         self.model = model
-        self.neuron_state = dict(neuron_state)
+        self.neuron_state = dict(neuron_state)  # ``state_bytes``
+        self.outputs = outputs  # leaf layer -> output entries (``layer_outputs``), for the RAM peak
+        self.deployment = deployment
+        self.tensors = _float_tensors(model)
+        self.quantized = quantized_weights(model)
         # Beside each tensor: a model on a GPU keeps its masks there (no copies between devices)
-        self.alive = {id(t): torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in _float_tensors(model)}
+        self.alive = {id(t): torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in self.tensors}
         # (key, bytes per entry, is a parameter): the plan is judged on the shapes seen now
-        self.entries = [(id(t), t.element_size(), isinstance(t, nn.Parameter)) for t in _float_tensors(model)]
+        self.entries = [(id(t), t.element_size(), isinstance(t, nn.Parameter)) for t in self.tensors]
+        # layer -> (its weight's key, output-channel dim), read now for the same reason
+        self.output_weights = {layer: (id(layer.weight), self.quantized.get(id(layer.weight), 0))
+                               for layer in self.outputs if isinstance(getattr(layer, "weight", None), torch.Tensor)
+                               and id(layer.weight) in self.alive}
         self.neuron_removed: dict[nn.Module, set[int]] = {}
         self.neuron_width: dict[nn.Module, int] = {}
 
@@ -90,6 +191,8 @@ class LedgerState:
         """An independent ledger in the same state (for "what if" predictions)."""
         twin = LedgerState.__new__(LedgerState)
         twin.model, twin.neuron_state, twin.entries = self.model, self.neuron_state, self.entries
+        twin.deployment, twin.outputs, twin.tensors, twin.quantized, twin.output_weights = (
+            self.deployment, self.outputs, self.tensors, self.quantized, self.output_weights)
         twin.alive = {key: alive.clone() for key, alive in self.alive.items()}
         twin.neuron_removed = {neuron: set(removed) for neuron, removed in self.neuron_removed.items()}
         twin.neuron_width = dict(self.neuron_width)
@@ -111,7 +214,28 @@ class LedgerState:
         state = sum(self.neuron_state.values())
         for neuron, removed in self.neuron_removed.items():
             state -= self.neuron_state[neuron] * len(removed) // self.neuron_width[neuron]
-        return Footprint(params, buffers, state)
+        flash, ram = _deployed([(t, self.alive[id(t)]) for t in self.tensors], self.quantized, state,
+                               self._kept_outputs(), self.deployment)
+        return Footprint(params, buffers, state, flash, ram)
+
+    def _kept_outputs(self) -> list[float]:
+        """Each layer's output entries under the plan: scaled by the share of output channels it keeps.
+
+        A layer without channels of its own (flatten, dropout, an activation) whose output is as large
+        as the layer before it shrinks with that layer; any other keeps its size (an upper bound).
+        """
+        kept, previous = [], (None, 1.0)
+        for layer, entries in self.outputs.items():
+            if layer in self.neuron_removed:
+                fraction = 1 - len(self.neuron_removed[layer]) / self.neuron_width[layer]
+            elif layer in self.output_weights:
+                key, dim = self.output_weights[layer]
+                fraction = _kept_rows(self.alive[key], dim) / self.alive[key].shape[dim]
+            else:
+                fraction = previous[1] if entries == previous[0] else 1.0
+            kept.append(entries * fraction)
+            previous = (entries, fraction)
+        return kept
 
 
 def _float_tensors(model: nn.Module) -> list[torch.Tensor]:

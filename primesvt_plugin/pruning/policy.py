@@ -36,7 +36,7 @@ from ..errors import ArgumentError, EvaluationError
 from .accounting import ops_bytes
 from .graph import PruningGroup, SpikingGraph
 from .importance import example_gradients, needs_gradients
-from .memory import MEASURES, Footprint, LedgerState, footprint
+from .memory import FP32, SAVING_MEASURES, Deployment, Footprint, LedgerState, footprint, layer_outputs
 from .pruner import apply_plan
 from .search import OBJECTIVES, SEARCHES, PlanSearch
 from .records import Constraints, GroupRecord, Measured, PrimeReport, PrimeResult, Pruned, Scored, Trial
@@ -109,7 +109,9 @@ def _chance_warnings(baseline: float, chance_accuracy: float | None) -> list[str
 
 
 def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], float], *,
-          memory_saving: float, max_accuracy_drop: float | None = None, min_accuracy: float | None = None,
+          memory_saving: float | None = None, max_accuracy_drop: float | None = None,
+          min_accuracy: float | None = None, flash_budget: int | None = None, ram_budget: int | None = None,
+          deployment: Deployment = FP32,
           rates: Sequence[float] = DEFAULT_RATES, memory: str = "parameters",
           importance: tp.importance.Importance | None = None,
           finetune: Callable[[nn.Module], None] | None = None, ignored_layers: Sequence[nn.Module] = (),
@@ -125,6 +127,9 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     (parameters + buffers + neuron state for one sample). Returns the pruned model
     (a copy unless ``inplace``) and a ``PrimeReport``. When the saving cannot be
     reached within the budget, the best feasible plan is applied and the report says why.
+    ``flash_budget`` and ``ram_budget`` (bytes, with or instead of ``memory_saving``) bound
+    the device's two memories under ``deployment`` (``memory.FP32``, ``memory.INT8``, or one
+    ``calibrated`` on a written weight file): the search stops when every target holds.
     ``chance_accuracy`` is the score of guessing (e.g. the majority-class fraction):
     a baseline at or below it (+0.01) puts a warning in ``report.warnings`` and
     fails the constraints, since an untrained model's accuracy cannot guide pruning.
@@ -140,6 +145,8 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     ``"sweep"`` tries the rates in order (same plan when accuracy falls with the rate).
     """
     rates = _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates)
+    _check_budgets(memory_saving, flash_budget, ram_budget, deployment)
+    memory_saving = memory_saving or 0.0
     _check_choice("objective", objective, OBJECTIVES)
     _check_choice("search", search, SEARCHES)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -152,12 +159,13 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     example_inputs = to_model_device(model, example_inputs)
     model.eval()
     try:
-        state = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, pm)
-        constraints = state.constraints(memory_saving, max_accuracy_drop, min_accuracy, objective, round_to)
+        state = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, deployment, pm)
+        constraints = state.constraints(memory_saving, max_accuracy_drop, min_accuracy, objective, round_to,
+                                        flash_budget, ram_budget)
         warnings = _chance_warnings(state.baseline, chance_accuracy)
         for warning in warnings:
             log.warning(warning)
-        plan, predicted = state.run(rates if memory_saving > 0 else [], constraints, search, progress)  # 0: no search
+        plan, predicted = state.run(rates, constraints, search, progress)
         outcome = state.apply(plan, finetune)
     finally:
         model.train(was_training)
@@ -167,19 +175,30 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
 def _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates) -> list[float]:
     """Refuse arguments prime() cannot honour; the rates sorted and deduplicated."""
     _check_number("memory_saving", memory_saving, 0.0)
-    if memory_saving >= 1.0:
+    if memory_saving is not None and memory_saving >= 1.0:
         raise ArgumentError(f"memory_saving must be a fraction in [0, 1), got {memory_saving}")
     if max_accuracy_drop is None and min_accuracy is None:
         raise ArgumentError("give max_accuracy_drop and/or min_accuracy: the accuracy budget")
     _check_number("max_accuracy_drop", max_accuracy_drop, 0.0)
     _check_number("min_accuracy", min_accuracy)
     _check_number("chance_accuracy", chance_accuracy)
-    if memory not in MEASURES:
-        raise ArgumentError(f"memory measure must be one of {MEASURES}, got {memory!r}")
+    if memory not in SAVING_MEASURES:
+        raise ArgumentError(f"memory measure must be one of {SAVING_MEASURES}, got {memory!r}")
     rates = sorted({float(r) for r in rates})
     if not rates or rates[0] <= 0 or rates[-1] >= 1:
         raise ArgumentError(f"rates must be fractions in (0, 1), got {rates}")
     return rates
+
+
+def _check_budgets(memory_saving, flash_budget, ram_budget, deployment) -> None:
+    if memory_saving is None and flash_budget is None and ram_budget is None:
+        raise ArgumentError("give memory_saving (a fraction) and/or flash_budget / ram_budget (bytes): the target")
+    for name, budget in (("flash_budget", flash_budget), ("ram_budget", ram_budget)):
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Integral)
+                                   or budget <= 0):
+            raise ArgumentError(f"{name} must be a positive whole number of bytes, got {budget!r}")
+    if not isinstance(deployment, Deployment):
+        raise ArgumentError(f"deployment must be a primesvt_plugin.Deployment (FP32, INT8, ...), got {deployment!r}")
 
 
 @dataclass
@@ -201,12 +220,14 @@ class _Search:
     records: dict[str, GroupRecord]
     before: Footprint
     memory: str
+    deployment: Deployment
     evaluate: "_Evaluator"
     baseline: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, model, example_inputs, evaluate, ignored_layers, importance, memory, pm) -> "_Search":
+    def start(cls, model, example_inputs, evaluate, ignored_layers, importance, memory, deployment,
+              pm) -> "_Search":
         """Trace, score and rank the groups; evaluate the unpruned model."""
         clock = time.perf_counter()
         _check_example_inputs(model, example_inputs)
@@ -218,27 +239,31 @@ class _Search:
         groups = [g for g in groups if scores[g.name] is not None]
         records = {g.name: _record(g, graph) for g in groups}
         groups.sort(key=lambda g: records[g.name].size_bytes(memory), reverse=True)
-        search = cls(model, example_inputs, graph, groups, scores, records, footprint(model, example_inputs), memory,
-                     _Evaluator(evaluate, model))
+        search = cls(model, example_inputs, graph, groups, scores, records,
+                     footprint(model, example_inputs, deployment), memory, deployment, _Evaluator(evaluate, model))
         search.timings["trace_and_rank"] = time.perf_counter() - clock
         clock = time.perf_counter()
         search.baseline = search.evaluate()
         search.timings["one_evaluation"] = time.perf_counter() - clock
         return search
 
-    def constraints(self, memory_saving, max_accuracy_drop, min_accuracy, objective, round_to) -> Constraints:
+    def constraints(self, memory_saving, max_accuracy_drop, min_accuracy, objective, round_to, flash_budget,
+                    ram_budget) -> Constraints:
         floors = [] if max_accuracy_drop is None else [self.baseline - max_accuracy_drop]
         floor = max(floors + ([] if min_accuracy is None else [min_accuracy]))  # the stricter wins
-        return Constraints(memory_saving, self.memory, max_accuracy_drop, min_accuracy, floor, objective, round_to)
+        return Constraints(memory_saving, self.memory, max_accuracy_drop, min_accuracy, floor, objective, round_to,
+                           flash_budget, ram_budget, self.deployment.name, self.deployment.margin_bytes)
 
     def run(self, rates: list[float], constraints: Constraints, search: str,
             progress: bool) -> tuple[dict[str, list[int]], Footprint]:
         """Find the plan (``search.py``); returns it and its predicted footprint."""
         clock = time.perf_counter()
+        ledger = LedgerState(self.model, self.graph.state_bytes, layer_outputs(self.model, self.example_inputs),
+                             self.deployment)
         plan_search = PlanSearch(
-            self.groups if rates else [], self.records, lambda group, count: group.select(self.scores[group.name], count),
-            self.evaluate, constraints.accuracy_floor, LedgerState(self.model, self.graph.state_bytes), self.before,
-            self.memory, constraints.memory_saving, rates, objective=constraints.objective, bisect=search == "bisect",
+            self.groups, self.records, lambda group, count: group.select(self.scores[group.name], count),
+            self.evaluate, constraints.accuracy_floor, ledger, self.before, self.memory,
+            constraints.targets(self.before), rates, objective=constraints.objective, bisect=search == "bisect",
             round_to=constraints.round_to, progress=progress)
         result = plan_search.run()
         self.timings["search"] = time.perf_counter() - clock
@@ -248,7 +273,7 @@ class _Search:
         """Prune the plan structurally, evaluate, and fine-tune if asked."""
         clock = time.perf_counter()
         apply_plan(self.model, self.example_inputs, self.groups, plan)
-        after = footprint(self.model, self.example_inputs)
+        after = footprint(self.model, self.example_inputs, self.deployment)
         self.timings["prune"] = time.perf_counter() - clock
         pruned_accuracy = self.evaluate() if plan else self.baseline  # an empty plan leaves the model as it was
         finetuned_accuracy = None
@@ -268,14 +293,15 @@ def _report(search: _Search, constraints: Constraints, warnings: list[str], plan
     saving = 1.0 - after.bytes_of(memory) / before.bytes_of(memory)
     final = outcome.pruned_accuracy if outcome.finetuned_accuracy is None else outcome.finetuned_accuracy
     floor = constraints.accuracy_floor
-    met = saving >= constraints.memory_saving - 1e-9 and final >= floor - 1e-9 and not warnings
+    outcomes = constraints.outcomes(before, after)
+    met = all(ok for ok, _ in outcomes) and final >= floor - 1e-9 and not warnings
     records = [search.records[g.name] for g in search.groups]
     at_highest_rate = all(r.chosen_rate == rates[-1] for r in records)  # every group at the last rate
     seconds = search.timings
     return PrimeReport(
         constraints=constraints, constraints_met=met,
-        reason=warnings[0] if warnings else _reason(met, saving, constraints.memory_saving, final, floor,
-                                                    len(records), at_highest_rate=at_highest_rate),
+        reason=warnings[0] if warnings else _reason(met, outcomes, final, floor, len(records),
+                                                    at_highest_rate=at_highest_rate),
         warnings=warnings,
         baseline=Measured(search.baseline, before),
         pruned=Pruned(outcome.pruned_accuracy, after, memory_saving=saving,
@@ -295,17 +321,20 @@ def _record(group: PruningGroup, graph: SpikingGraph) -> GroupRecord:
     return GroupRecord(group.name, group.kind, group.size, group.channel_groups, memory, params, memory / group.size)
 
 
-def _reason(met, saving, wanted, accuracy, floor, n_groups, at_highest_rate: bool = False) -> str:
+def _reason(met, outcomes: list[tuple[bool, str]], accuracy, floor, n_groups, at_highest_rate: bool = False) -> str:
     if n_groups == 0:
         return ("nothing to prune: the model has no prunable groups (every conv/linear is ignored, "
                 "an output layer, or too narrow to keep whole heads)")
     if met:
-        return f"memory saving {saving:.2%} >= {wanted:.2%} with accuracy {accuracy:.4f} >= {floor:.4f}"
-    if saving < wanted and at_highest_rate:  # the accuracy budget was never the limit
-        return (f"best feasible: {saving:.2%} memory saving; every group is already at the highest rate tried, "
-                f"so {wanted:.2%} needs higher rates (rates=...) or more prunable layers")
-    if saving < wanted:
-        return (f"best feasible: {saving:.2%} memory saving; {wanted:.2%} would need more than the accuracy "
-                f"budget allows: every further rate tried fell below the floor {floor:.4f}")
-    return (f"memory saving {saving:.2%} reached, but accuracy {accuracy:.4f} after structural pruning "
+        asked = ", ".join(text for _, text in outcomes) or "nothing to save (memory_saving=0)"
+        return f"{asked} with accuracy {accuracy:.4f} >= {floor:.4f}"
+    unmet = [text for ok, text in outcomes if not ok]
+    missed = "; ".join(unmet)
+    if unmet and at_highest_rate:  # the accuracy budget was never the limit
+        return (f"best feasible: {missed}; every group is already at the highest rate tried, "
+                f"so the target needs higher rates (rates=...) or more prunable layers")
+    if unmet:
+        return (f"best feasible: {missed}; going further costs more accuracy than the budget allows: "
+                f"every further rate tried fell below the floor {floor:.4f}")
+    return (f"{', '.join(text for _, text in outcomes)}, but accuracy {accuracy:.4f} after structural pruning "
             f"is below {floor:.4f} (masked trials stayed above it)")

@@ -49,7 +49,7 @@ class GroupRecord:
 
 @dataclass
 class Constraints:
-    """What the user asked: a saving of ``memory`` within an accuracy budget."""
+    """What the user asked: a saving of ``memory`` and/or flash and RAM budgets, within an accuracy budget."""
 
     memory_saving: float
     memory: str  # "parameters" | "footprint"
@@ -58,6 +58,37 @@ class Constraints:
     accuracy_floor: float  # the stricter of baseline - max_accuracy_drop and min_accuracy
     objective: str = "target"  # "target": stop at the asked saving; "max_saving": the paper's whole targets
     round_to: int = 1  # kept widths are multiples of this
+    flash_budget: int | None = None  # bytes of weights at the deployment's precision
+    ram_budget: int | None = None  # bytes of neuron state, buffers and the peak activation
+    deployment: str = "fp32"  # the precision flash and RAM are counted at
+    flash_margin: int = 0  # bytes the search keeps free below flash_budget (the deployment's margin_bytes)
+
+    def targets(self, before: Footprint) -> dict[str, float]:
+        """Measure -> the most bytes it may keep (none: nothing to prune)."""
+        targets = {}
+        if self.memory_saving > 0:
+            targets[self.memory] = before.bytes_of(self.memory) * (1 - self.memory_saving)
+        if self.flash_budget is not None:
+            targets["flash"] = max(1, self.flash_budget - self.flash_margin)
+        if self.ram_budget is not None:
+            targets["ram"] = self.ram_budget
+        return targets
+
+    def outcomes(self, before: Footprint, after: Footprint) -> list[tuple[bool, str]]:
+        """Each target (the saving when asked, each budget) with whether ``after`` meets it, in words."""
+        outcomes = []
+        if self.memory_saving > 0:
+            saving = 1 - after.bytes_of(self.memory) / before.bytes_of(self.memory)
+            ok = saving >= self.memory_saving - 1e-9
+            outcomes.append((ok, f"memory saving {saving:.2%} {'>=' if ok else '<'} {self.memory_saving:.2%}"))
+        targets = self.targets(before)
+        for measure, budget in (("flash", self.flash_budget), ("ram", self.ram_budget)):
+            if budget is not None:
+                ok = after.bytes_of(measure) <= targets[measure]
+                margin = f", {self.flash_margin:,} B margin" if measure == "flash" and self.flash_margin else ""
+                outcomes.append((ok, f"{measure} {after.bytes_of(measure):,} B {'<=' if ok else '>'} budget "
+                                     f"{budget:,} B ({self.deployment}{margin})"))
+        return outcomes
 
 
 @dataclass
@@ -112,7 +143,7 @@ class PrimeReport:
     def from_dict(cls, data: dict[str, Any]) -> "PrimeReport":
         """Read back ``to_dict()``'s output (e.g. ``report.json``'s ``prune`` section)."""
         def footprint(d):
-            return Footprint(d["param_bytes"], d["buffer_bytes"], d["state_bytes"])
+            return Footprint(**{k: v for k, v in d.items() if k != "total_bytes"})
 
         pruned = dict(data["pruned"], memory=footprint(data["pruned"]["memory"]),
                       predicted_memory=footprint(data["pruned"]["predicted_memory"]))

@@ -1,6 +1,7 @@
 """The PrimeSVT search: each group's robustness, then compression largest first, on masks.
 
-For each group, from the largest to the smallest, until the asked saving is reached:
+For each group, from the largest to the smallest, until every target is reached (the
+asked saving of the ranking's memory, and any flash or RAM budget in bytes):
 
 1. *Robustness* (the group alone, every other group unmasked): the highest count of
    its lowest-scored channels, among the counts the ``rates`` give, whose removal keeps
@@ -8,8 +9,8 @@ For each group, from the largest to the smallest, until the asked saving is reac
 2. *Compression* (on top of the groups already chosen): the largest count up to the
    target that keeps the combined accuracy at or above the floor. With
    ``objective="target"`` the count is also capped at the smallest one that reaches
-   the asked saving (at channel granularity: whole head blocks, ``round_to``), so the
-   plan stops at the saving asked instead of overshooting it; ``"max_saving"`` takes
+   the targets (at channel granularity: whole head blocks, ``round_to``), so the
+   plan stops at what was asked instead of overshooting it; ``"max_saving"`` takes
    the whole target (the paper's behaviour).
 
 Accuracy falls as a group loses more channels, so both steps find their highest
@@ -89,8 +90,8 @@ class PlanSearch:
     floor: float
     ledger: LedgerState
     before: Footprint
-    memory: str
-    memory_saving: float
+    memory: str  # what ``freed_bytes`` counts
+    targets: dict[str, float]  # measure ("parameters", "flash", ...) -> the most bytes it may keep
     rates: list[float]
     objective: str = "target"
     bisect: bool = True
@@ -101,37 +102,74 @@ class PlanSearch:
     solo: dict[tuple[str, int], float] = field(default_factory=dict)
 
     def run(self) -> tuple[dict[str, list[int]], Footprint]:
-        plan: dict[str, list[int]] = {}
-        predicted = self.before
+        initial = self.ledger.copy()
+        chosen: dict[str, tuple[PruningGroup, int, float]] = {}  # name -> (group, count, rate), in order
         bar = tqdm(total=len(self.groups), desc="search", disable=not self.progress, leave=False)
         try:
             for group in self.groups:
-                if self._saving(predicted) >= self.memory_saving - 1e-12:
+                if self._reached(self.ledger.footprint()):
                     break
                 bar.update(1)
                 count, rate = self._choose(group)
                 if count == 0:
                     continue
-                idxs = self.select(group, count)
-                ops = group.channel_ops(idxs)
+                ops = group.channel_ops(self.select(group, count))
                 self.masks.trial(ops)
                 self.masks.commit()
                 self.chosen_ops += ops
                 for op in ops:  # accepted for good: the ledger only ever records accepted removals
                     self.ledger.remove(op)
-                after = self.ledger.footprint()
-                record = self.records[group.name]
-                record.freed_bytes = predicted.bytes_of(self.memory) - after.bytes_of(self.memory)
-                record.chosen_rate, record.removed_channels = rate, count
-                plan[group.name] = idxs
-                predicted = after
+                chosen[group.name] = (group, count, rate)
         finally:
             bar.close()
             self.masks.clear()
+        if self.objective == "target" and self._reached(self.ledger.footprint()):
+            chosen = self._trimmed(chosen, initial)
+        return self._account(chosen, initial)
+
+    def _trimmed(self, chosen: dict[str, tuple[PruningGroup, int, float]],
+                 initial: LedgerState) -> dict[str, tuple[PruningGroup, int, float]]:
+        """The plan with each group, last chosen first, cut back to the fewest channels that keep every
+        target: with several targets, a group chosen for one of them may be more than the later
+        groups left necessary. Fewer channels removed cannot lower the accuracy (the search's premise)."""
+        counts = {name: count for name, (_, count, _) in chosen.items()}
+
+        def reaches(name: str, count: int) -> bool:
+            ledger = self._predicted({**counts, name: count}, chosen, initial)
+            return self._reached(ledger.footprint())
+
+        for name in reversed(list(chosen)):
+            group = chosen[name][0]
+            fewer = [c for c in [0] + removal_counts(group, self.round_to) if c <= counts[name]][::-1]
+            counts[name] = fewer[highest_feasible(fewer, lambda c: reaches(name, c), bisect=True)]
+        return {name: (group, counts[name], rate if counts[name] == count else counts[name] / group.size)
+                for name, (group, count, rate) in chosen.items() if counts[name]}
+
+    def _predicted(self, counts: dict[str, int], chosen, initial: LedgerState) -> LedgerState:
+        ledger = initial.copy()
+        for name, count in counts.items():
+            for op in chosen[name][0].channel_ops(self.select(chosen[name][0], count)):
+                ledger.remove(op)
+        return ledger
+
+    def _account(self, chosen: dict[str, tuple[PruningGroup, int, float]],
+                 initial: LedgerState) -> tuple[dict[str, list[int]], Footprint]:
+        """The plan, each group's record (count, rate, bytes freed in order) and the predicted footprint."""
+        plan: dict[str, list[int]] = {}
+        ledger, predicted = initial.copy(), self.before
+        for name, (group, count, rate) in chosen.items():
+            plan[name] = self.select(group, count)
+            for op in group.channel_ops(plan[name]):
+                ledger.remove(op)
+            after = ledger.footprint()
+            record = self.records[name]
+            record.freed_bytes = predicted.bytes_of(self.memory) - after.bytes_of(self.memory)
+            record.chosen_rate, record.removed_channels = rate, count
+            predicted = after
         return plan, predicted
 
-    def _saving(self, footprint: Footprint) -> float:
-        return 1.0 - footprint.bytes_of(self.memory) / self.before.bytes_of(self.memory)
+    def _reached(self, footprint: Footprint) -> bool:
+        return all(footprint.bytes_of(measure) <= limit + 1e-9 for measure, limit in self.targets.items())
 
     def _choose(self, group: PruningGroup) -> tuple[int, float]:
         """The count of channels ``group`` loses (0: none) and the rate it is reported at."""
@@ -142,7 +180,7 @@ class PlanSearch:
             return 0, 0.0
         cap = target
         if self.objective == "target":
-            cap = min(cap, self._count_reaching_saving(group, [c for c in counts if c <= target]) or cap)
+            cap = min(cap, self._count_reaching_targets(group, [c for c in counts if c <= target]) or cap)
         rate_of = {count: rate for rate, count in grid}
         candidates = [c for _, c in grid if c < cap]
         if self._combined(group, cap) >= self.floor:
@@ -167,13 +205,13 @@ class PlanSearch:
         record.target_rate = grid[best][0] if best >= 0 else 0.0
         return grid[best][1] if best >= 0 else 0
 
-    def _count_reaching_saving(self, group: PruningGroup, counts: list[int]) -> int | None:
-        """The smallest of ``counts`` whose removal (on top of the plan so far) reaches the saving."""
+    def _count_reaching_targets(self, group: PruningGroup, counts: list[int]) -> int | None:
+        """The smallest of ``counts`` whose removal (on top of the plan so far) reaches the targets."""
         def reaches(count: int) -> bool:
             ledger = self.ledger.copy()
             for op in group.channel_ops(self.select(group, count)):
                 ledger.remove(op)
-            return self._saving(ledger.footprint()) >= self.memory_saving - 1e-12
+            return self._reached(ledger.footprint())
 
         # highest_feasible on the reversed list: "reaches" only falls as the count shrinks
         reversed_counts = counts[::-1]
