@@ -34,7 +34,7 @@ from ..deploy.latency import model_latency_ms
 from ..errors import ArgumentError, DataError, InputError, PluginError, RecipeError, first_line
 from ..plugins import build_model, get_plugin_manager, registries, resolve_builder
 from ..pruning.energy import estimate_energy
-from ..pruning.memory import FP32, INT8, Deployment, footprint
+from ..pruning.memory import FP32, INT8, Deployment, flash_bytes, footprint
 from ..pruning.policy import prime
 from ..pruning.pruner import SpikingPruner
 from ..pruning.spiking import class_scores, fresh_forward, model_device, to_model_device
@@ -377,7 +377,7 @@ def _deployment(recipe: Recipe, model: nn.Module, example: torch.Tensor, data: D
         with tempfile.TemporaryDirectory() as folder:
             artifact = _quantize(recipe, model, example, data, pm, progress)
             measured = artifact.weight_bytes(artifact.save(Path(folder) / "unpruned_int8"))
-        predicted = footprint(model, example, deployment).flash_bytes
+        predicted = flash_bytes(model, deployment)
         # the search keeps a margin below the budget for what the formula cannot see (OpenVINO stores equal
         # constants once): it was within 0.1% of the written pruned files on the digits Spikformer
         deployment = deployment.calibrated(predicted, measured, margin_bytes=math.ceil(FLASH_HEADROOM * measured))

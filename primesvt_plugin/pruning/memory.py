@@ -97,10 +97,10 @@ def _kept_rows(alive: torch.Tensor, dim: int) -> int:
     return int(alive.movedim(dim, 0).reshape(alive.shape[dim], -1).any(1).sum())
 
 
-def _deployed(tensors: list[tuple[torch.Tensor, torch.Tensor | None]], quantized: dict[int, int],
-              state: int, outputs: Iterable[float], deployment: Deployment) -> tuple[int, int]:
-    """(flash, RAM) bytes of ``tensors`` (each with its alive mask, None: all alive) under ``deployment``."""
-    flash, buffers = float(deployment.file_bytes), 0
+def _flash(tensors: list[tuple[torch.Tensor, torch.Tensor | None]], quantized: dict[int, int],
+           deployment: Deployment) -> int:
+    """Flash bytes of ``tensors`` (each with its alive mask, None: all alive) under ``deployment``."""
+    flash = float(deployment.file_bytes)
     for tensor, alive in tensors:
         entries = tensor.numel() if alive is None else int(alive.sum())
         if id(tensor) in quantized:
@@ -109,20 +109,31 @@ def _deployed(tensors: list[tuple[torch.Tensor, torch.Tensor | None]], quantized
             flash += entries * deployment.weight_bytes + rows * deployment.channel_bytes
         else:
             flash += entries * deployment.other_bytes
-        if not isinstance(tensor, nn.Parameter):  # a runtime folding batch norms keeps none (INT8: other_bytes 0)
-            buffers += entries * deployment.other_bytes
-    peak = max(outputs, default=0)
-    return round(flash), round(state + buffers + peak * deployment.activation_bytes)
+    return round(flash)
 
 
-def layer_outputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
-    """Entries of each layer's output for one sample (all time steps), in the order the layers first run.
+def _ram(tensors: list[tuple[torch.Tensor, torch.Tensor | None]], state: int, outputs: Iterable[float],
+         deployment: Deployment) -> int:
+    """RAM bytes: neuron ``state``, the buffers among ``tensors`` and the largest of ``outputs`` under ``deployment``."""
+    # a runtime folding batch norms keeps no buffers (INT8: other_bytes 0)
+    buffers = sum(t.numel() if alive is None else int(alive.sum())
+                  for t, alive in tensors if not isinstance(t, nn.Parameter)) * deployment.other_bytes
+    return round(state + buffers + max(outputs, default=0) * deployment.activation_bytes)
+
+
+def flash_bytes(model: nn.Module, deployment: Deployment) -> int:
+    """Flash bytes of ``model`` under ``deployment`` (no forward pass needed)."""
+    return _flash([(t, None) for t in _float_tensors(model)], quantized_weights(model), deployment)
+
+
+def _one_sample_pass(model: nn.Module, example_inputs: torch.Tensor,
+                     record_outputs: bool) -> tuple[dict[nn.Module, int], dict[nn.Module, int]]:
+    """One forward pass of one sample: the state bytes of each stateful module and (``record_outputs``)
+    the entries of each layer's output, all time steps, in the order the layers first run.
 
     Layers: the leaf modules and the spiking neurons (whose inner modules are the neuron's business).
     """
     stateful = stateful_modules(model)
-    inner = {m for neuron in stateful for m in neuron.modules() if m is not neuron}
-    layers = [m for m in model.modules() if m not in inner and (m in stateful or not any(m.children()))]
     outputs: dict[nn.Module, int] = {}
 
     def record(module, _inputs, output):
@@ -130,34 +141,43 @@ def layer_outputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Mod
         outputs[module] = max(outputs.get(module, 0), sum(t.numel() for t in tensors
                                                           if isinstance(t, torch.Tensor) and t.is_floating_point()))
 
-    hooks = [m.register_forward_hook(record) for m in layers]
+    hooks = []
+    if record_outputs:
+        inner = {m for neuron in stateful for m in neuron.modules() if m is not neuron}
+        hooks = [m.register_forward_hook(record) for m in model.modules()
+                 if m not in inner and (m in stateful or not any(m.children()))]
     try:
         with inference(model):
             model(one_sample(model, to_model_device(model, example_inputs)))
+            states = {m: _tensor_bytes(v for v in m._memories.values() if isinstance(v, torch.Tensor))
+                      for m in stateful}
     finally:
         for hook in hooks:
             hook.remove()
-    return outputs
+    return states, outputs
+
+
+def layer_outputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
+    """Entries of each layer's output for one sample (all time steps), in the order the layers first run."""
+    return _one_sample_pass(model, example_inputs, record_outputs=True)[1]
 
 
 def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Bytes of state each stateful module holds after a forward pass of one sample."""
-    with inference(model):
-        model(one_sample(model, to_model_device(model, example_inputs)))
-        return {m: _tensor_bytes(v for v in m._memories.values() if isinstance(v, torch.Tensor))
-                for m in stateful_modules(model)}
+    return _one_sample_pass(model, example_inputs, record_outputs=False)[0]
 
 
 def footprint(model: nn.Module, example_inputs: torch.Tensor, deployment: Deployment = FP32) -> Footprint:
     """Measure parameter, buffer and per-sample neuron-state bytes of ``model``, and its flash and RAM
     bytes under ``deployment``."""
-    state = sum(state_bytes(model, example_inputs).values())
-    flash, ram = _deployed([(t, None) for t in _float_tensors(model)], quantized_weights(model), state,
-                           layer_outputs(model, example_inputs).values(), deployment)
+    states, outputs = _one_sample_pass(model, example_inputs, record_outputs=True)
+    state = sum(states.values())
+    tensors = [(t, None) for t in _float_tensors(model)]
     return Footprint(
         param_bytes=_tensor_bytes(p for p in model.parameters() if p.is_floating_point()),
         buffer_bytes=_tensor_bytes(b for b in model.buffers() if b.is_floating_point()),
-        state_bytes=state, flash_bytes=flash, ram_bytes=ram,
+        state_bytes=state, flash_bytes=_flash(tensors, quantized_weights(model), deployment),
+        ram_bytes=_ram(tensors, state, outputs.values(), deployment),
     )
 
 
@@ -214,9 +234,9 @@ class LedgerState:
         state = sum(self.neuron_state.values())
         for neuron, removed in self.neuron_removed.items():
             state -= self.neuron_state[neuron] * len(removed) // self.neuron_width[neuron]
-        flash, ram = _deployed([(t, self.alive[id(t)]) for t in self.tensors], self.quantized, state,
-                               self._kept_outputs(), self.deployment)
-        return Footprint(params, buffers, state, flash, ram)
+        tensors = [(t, self.alive[id(t)]) for t in self.tensors]
+        return Footprint(params, buffers, state, _flash(tensors, self.quantized, self.deployment),
+                         _ram(tensors, state, self._kept_outputs(), self.deployment))
 
     def _kept_outputs(self) -> list[float]:
         """Each layer's output entries under the plan: scaled by the share of output channels it keeps.
