@@ -2,6 +2,7 @@
 
     python benchmarks/budgets.py [--seeds 0 1 2] [--budgets 80000 65000 53976 45000 35000]
                                  [--ratios 0.2 0.3 0.4 0.5] [--max-drop 0.15] [--tag NAME]
+                                 [--quantizers nncf_int8 nncf_int4]
 
 For each seed, trains the default recipe's Spikformer once (``spikformer_digits`` with
 its training section only), then runs recipes from that checkpoint through the real
@@ -12,7 +13,9 @@ runner, so every number is what ``primesvt run`` writes:
 - uniform L2 (Torch-Pruning's MetaPruner through our kwargs, every group at ``ratio``)
   + the flash recipe's fine-tune + INT8;
 - PrimeSVT with ``prune.flash_budget`` (the ``spikformer_digits_flash`` recipe, RAM budget
-  off) + the same fine-tune + INT8.
+  off) + the same fine-tune + INT8;
+- with ``--quantizers nncf_int4``: NNCF's mixed INT4/INT8 weight compression alone, and PrimeSVT
+  searching the budget at that precision (``quantize.method: nncf_int4``) + the same fine-tune.
 
 ``--max-drop`` overrides the recipe's one-shot validation budget (``prune.max_accuracy_drop``,
 0.15: the search's floor before fine-tuning). Writes benchmarks/results/budgets[_TAG].json and
@@ -46,37 +49,43 @@ def run(recipe_name: str, out: Path, overrides: list[str]) -> dict:
     return run_recipe(recipe, out=out, progress=False)
 
 
-def variants(checkpoint: Path, budgets: list[int], ratios: list[float],
-             max_drop: float | None) -> dict[str, tuple[str, list[str]]]:
+def variants(checkpoint: Path, budgets: list[int], ratios: list[float], max_drop: float | None,
+             quantizers: list[str]) -> dict[str, tuple[str, list[str]]]:
     """Name -> (shipped recipe, overrides), each starting from the trained checkpoint."""
     start = [f"model.checkpoint={checkpoint}", "train=null", "export=null"]
-    found = {"nncf int8": ("spikformer_digits", start + ["prune=null", "finetune=null"])}
-    for ratio in ratios:
-        found[f"uniform l2 {ratio:g} + int8"] = ("spikformer_digits_flash", start + [
-            "prune.method=uniform", f"prune.ratio={ratio}", "prune.flash_budget=null", "prune.ram_budget=null"])
-    for budget in budgets:
-        found[f"primesvt {budget} B + int8"] = ("spikformer_digits_flash", start + [
-            f"prune.flash_budget={budget}", "prune.ram_budget=null"] + (
-            [] if max_drop is None else [f"prune.max_accuracy_drop={max_drop}"]))
+    found = {}
+    for quantizer in quantizers:
+        short = quantizer.removeprefix("nncf_")
+        quantize = [f"quantize.method={quantizer}"]
+        found[f"nncf {short}"] = ("spikformer_digits", start + ["prune=null", "finetune=null"] + quantize)
+        if quantizer == "nncf_int8":
+            for ratio in ratios:
+                found[f"uniform l2 {ratio:g} + int8"] = ("spikformer_digits_flash", start + [
+                    "prune.method=uniform", f"prune.ratio={ratio}", "prune.flash_budget=null", "prune.ram_budget=null"])
+        for budget in budgets:
+            found[f"primesvt {budget} B + {short}"] = ("spikformer_digits_flash", start + quantize + [
+                f"prune.flash_budget={budget}", "prune.ram_budget=null"] + (
+                [] if max_drop is None else [f"prune.max_accuracy_drop={max_drop}"]))
     return found
 
 
-def one_seed(seed: int, budgets: list[int], ratios: list[float], max_drop: float | None, folder: Path) -> list[dict]:
+def one_seed(seed: int, budgets: list[int], ratios: list[float], max_drop: float | None, folder: Path,
+             quantizers: list[str]) -> list[dict]:
     trained = run("spikformer_digits", folder / "trained", [f"seed={seed}", "prune=null", "finetune=null",
                                                              "quantize=null", "export.formats=[openvino]"])
     fp32 = trained["stages"][0]
     rows = [{"seed": seed, "method": "unpruned fp32", "test_accuracy": fp32["test_accuracy"],
              "flash_bytes": (folder / "trained" / "model.bin").stat().st_size}]
     checkpoint = folder / "trained" / "state_dict.pt"
-    for name, (recipe, overrides) in variants(checkpoint, budgets, ratios, max_drop).items():
+    for name, (recipe, overrides) in variants(checkpoint, budgets, ratios, max_drop, quantizers).items():
         report = run(recipe, folder / name.replace(" ", "_"), [f"seed={seed}", *overrides])
-        int8 = report["stages"][-1]
-        rows.append({"seed": seed, "method": name, "test_accuracy": int8["test_accuracy"],
-                     "flash_bytes": int8["weight_bytes"], "ram_bytes": report["stages"][-2].get("memory", {}).get(
+        quantized = report["stages"][-1]
+        rows.append({"seed": seed, "method": name, "test_accuracy": quantized["test_accuracy"],
+                     "flash_bytes": quantized["weight_bytes"], "ram_bytes": report["stages"][-2].get("memory", {}).get(
                          "ram_bytes"), "checks": {k: v["ok"] for k, v in report["checks"].items()},
                      "reason": report.get("prune", {}).get("reason"),
                      "budget_met": next((v["ok"] for k, v in report["checks"].items() if k.startswith("flash <=")), None)})
-        print(f"seed {seed} {name}: {100 * int8['test_accuracy']:.2f}% at {int8['weight_bytes']} B", flush=True)
+        print(f"seed {seed} {name}: {100 * quantized["test_accuracy"]:.2f}% at {quantized["weight_bytes"]} B", flush=True)
     for row in rows:
         row["drop_points"] = 100 * (fp32["test_accuracy"] - row["test_accuracy"])
     return rows
@@ -119,11 +128,13 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--max-drop", type=float, default=None)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--quantizers", nargs="+", default=["nncf_int8"], choices=["nncf_int8", "nncf_int4"])
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for seed in args.seeds:
-            rows += one_seed(seed, args.budgets, args.ratios, args.max_drop, Path(folder) / f"seed{seed}")
+            rows += one_seed(seed, args.budgets, args.ratios, args.max_drop, Path(folder) / f"seed{seed}",
+                             args.quantizers)
     table = summary(rows)
     suffix = f"_{args.tag}" if args.tag else ""
     results = ROOT / "benchmarks" / "results" / f"budgets{suffix}.json"

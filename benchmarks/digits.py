@@ -1,6 +1,8 @@
 """PrimeSVT vs uniform L2, global L2 and random pruning at equal parameter-memory saving, on digits.
 
     python benchmarks/digits.py [--quick] [--seeds 0 1 2] [--targets 0.1 0.3 0.5]
+                                [--model-args '{"depths": 2, ...}'] [--epochs 12] [--drop-budgets 0.02]
+                                [--finetune-epochs 2] [--baselines | --no-baselines] [--tag NAME]
 
 Trains the default recipe's Spikformer on scikit-learn's digits, then for each
 wanted saving (26.68%, the paper's point, and a 10-60% sweep) runs PrimeSVT on the
@@ -13,8 +15,11 @@ and CPU latency (batch 1). Every seed trains its own model (and data split),
 so rows are aggregated over seeds: mean, standard deviation and the worst seed.
 Writes benchmarks/results/digits.json (every row, plus the machine: CPU flags
 that change numerics, library versions) and docs/benchmarks_digits.png (with
---quick: digits_quick.json, benchmarks_digits_quick.png), and prints a markdown
-table for docs/benchmarks.md.
+--quick: digits_quick.json, benchmarks_digits_quick.png; with --tag NAME: digits_NAME.json,
+benchmarks_digits_NAME.png), and prints a markdown table for docs/benchmarks.md.
+``--model-args`` replaces some of the recipe model's arguments (e.g. two blocks), ``--epochs``
+its training epochs, ``--drop-budgets`` the validation budgets tried in turn (the first that
+reaches the saving is used; with one budget, a saving it cannot reach gives the best feasible plan).
 """
 from __future__ import annotations
 
@@ -122,13 +127,14 @@ def machine() -> dict:
                                                            "openvino", "primesvt-plugin")}}
 
 
-def run_seed(seed: int, targets) -> list[dict]:
+def run_seed(seed: int, targets, model_args: dict | None = None, epochs: int | None = None,
+             drop_budgets=DROP_BUDGETS, finetune_epochs: int = 2, baselines: bool = True) -> list[dict]:
     """Every method at every target, on a model trained (and a split drawn) with ``seed``."""
     recipe = load_recipe(ROOT / "recipes" / "spikformer_digits.yaml")
     torch.manual_seed(seed)
     data = digits_splits(image_size=16, seed=seed)
-    base = build_model(recipe.model.name, recipe.model.args)
-    train(base, data.loader("train", 64, shuffle=True, seed=seed), recipe.train.epochs, recipe.train.lr,
+    base = build_model(recipe.model.name, {**recipe.model.args, **(model_args or {})})
+    train(base, data.loader("train", 64, shuffle=True, seed=seed), epochs or recipe.train.epochs, recipe.train.lr,
           seed=seed, progress=False)
     base.eval()
     val = data.loader("val", 256, limit=recipe.data.val_subset)
@@ -140,7 +146,8 @@ def run_seed(seed: int, targets) -> list[dict]:
              "test_finetuned": base_acc, "latency_ms": model_latency_ms(base, x)}]
 
     def finetune(model):
-        train(model, data.loader("train", 64, shuffle=True, seed=seed + 1), 2, 1e-3, seed=seed + 1, progress=False)
+        train(model, data.loader("train", 64, shuffle=True, seed=seed + 1), finetune_epochs, 1e-3, seed=seed + 1,
+              progress=False)
 
     def record(method, model, target, extra=None):
         saving = 1 - footprint(model, x).param_bytes / base_memory
@@ -154,7 +161,7 @@ def run_seed(seed: int, targets) -> list[dict]:
         return saving
 
     for target in targets:
-        for budget in DROP_BUDGETS:  # the smallest accuracy budget that reaches the target
+        for budget in drop_budgets:  # the smallest accuracy budget that reaches the target
             result = prime(base, x, lambda m: accuracy(m, val), memory_saving=target, max_accuracy_drop=budget, progress=False)
             if result.report.constraints_met:
                 break
@@ -162,7 +169,10 @@ def run_seed(seed: int, targets) -> list[dict]:
                          {"max_accuracy_drop": budget, "evaluations": result.report.evaluations,
                           "search_in_evaluation_passes": result.report.search_in_evaluation_passes,
                           "policy_seconds": sum(result.report.timings_s.values()),
-                          "footprint_saving": result.report.pruned.footprint_saving})
+                          "footprint_saving": result.report.pruned.footprint_saving,
+                          "constraints_met": result.report.constraints_met})
+        if not baselines:
+            continue
         record("uniform L2 (MetaPruner)", metapruner_uniform(base, x, reached), target)
         for method in ("uniform L2 (all groups)", "global L2", "random"):
             record(method, baseline_plan(method, copy.deepcopy(base), x, reached, seed), target)
@@ -193,15 +203,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the 26.68%% point (the paper's saving)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training / split seeds (default 0 1 2)")
     parser.add_argument("--targets", type=float, nargs="+", help="parameter savings asked (default: all of TARGETS)")
+    parser.add_argument("--model-args", type=json.loads, default={}, help="JSON: model arguments to replace")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
+    parser.add_argument("--drop-budgets", type=float, nargs="+", default=list(DROP_BUDGETS),
+                        help="validation budgets tried in turn (default: %(default)s)")
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                        help="also prune with the baselines (default: yes)")
+    parser.add_argument("--tag", help="name of the result files (digits_TAG.json)")
     args = parser.parse_args()
     targets = TARGETS[:1] if args.quick else tuple(args.targets or TARGETS)
-    rows = [row for seed in args.seeds for row in run_seed(seed, targets)]
+    rows = [row for seed in args.seeds for row in run_seed(seed, targets, args.model_args, args.epochs,
+                                                           args.drop_budgets, args.finetune_epochs, args.baselines)]
     summary = summarize(rows)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""  # a quick run never overwrites the full sweep's files
+    # a quick or tagged run never overwrites the full sweep's files
+    suffix = f"_{args.tag}" if args.tag else "_quick" if args.quick else ""
     (out / f"digits{suffix}.json").write_text(json.dumps({"machine": machine(), "seeds": args.seeds,
-                                                          "summary": summary, "rows": rows}, indent=2))
+                                                          "arguments": vars(args), "summary": summary,
+                                                          "rows": rows}, indent=2))
     plot(summary, ROOT / "docs" / f"benchmarks_digits{suffix}.png")
     print(json.dumps(machine()))
     print_table(summary)

@@ -1058,10 +1058,11 @@ def test_the_whole_report_on_a_known_case():
              "sensitivity": [{"rate": 0.5, "removed": 8, "accuracy": 1 - 8 * U},
                              {"rate": 0.75, "removed": 12, "accuracy": 1 - 12 * U}],
              "target_rate": 0.5, "chosen_rate": 6 / 16, "removed_channels": 6, "freed_bytes": 6 * CONV2_PARAM_BYTES,
-             "evaluations": 3}
+             "evaluations": 3, "energy_pj": None}
     conv1 = {"name": "conv1", "kind": "channels", "channels": 4, "channel_groups": 1, "memory_bytes": 4 * CONV1_BYTES,
              "param_bytes": 4 * CONV1_PARAM_BYTES, "bytes_per_channel": float(CONV1_BYTES), "sensitivity": [],
-             "target_rate": 0.0, "chosen_rate": 0.0, "removed_channels": 0, "freed_bytes": 0, "evaluations": 0}
+             "target_rate": 0.0, "chosen_rate": 0.0, "removed_channels": 0, "freed_bytes": 0, "evaluations": 0,
+             "energy_pj": None}
     saving = 1 - after.param_bytes / PARAMS
     assert report == {
         "constraints": {"memory_saving": 0.3, "memory": "parameters", "max_accuracy_drop": 8 * U, "min_accuracy": None,
@@ -1080,6 +1081,7 @@ def test_the_whole_report_on_a_known_case():
         "evaluations": 1 + 3 + 1 + 1,  # baseline, conv2's trials, pruned, fine-tuned
         "rates": [0.25, 0.5, 0.75],
         "search": "bisect",
+        "rank_by": "memory",
     }
     assert 0.3 <= saving < 0.3 + CONV2_PARAM_BYTES / PARAMS  # one channel fewer would miss the target
 

@@ -81,3 +81,74 @@ def test_our_neuron_state_bytes_agree_with_op_counters_state_traffic():
     pruned = sum(state_bytes(model, images).values())
     assert pruned < ours
     assert estimate_simple_energy(model, images).counts["neuron_state_read_bytes"] == ARGS["T"] * len(images) * pruned
+
+
+def test_layer_energies_add_up_to_the_models_estimate_and_follow_the_layers_ops():
+    from primesvt_plugin.pruning.energy import layer_energy_pj
+
+    model, images = firing_spikformer(), torch.rand(8, 1, 16, 16)
+    energy = layer_energy_pj(model, images)
+    assert energy[model] == pytest.approx(estimate_energy(model, images).energy_pj)
+    children = list(model.children())
+    assert sum(energy[child] for child in children) <= energy[model] * (1 + 1e-9)
+    first_conv = model.patch_embed.stages[0].conv_bn.block[0]  # analog input: MACs and its weights' traffic
+    assert energy[first_conv] > 0
+    assert energy[model.patch_embed] == pytest.approx(sum(energy[m] for m in model.patch_embed.children()))
+
+
+def agreement_with(model, images):
+    """Top-1 agreement with ``model`` as it is now: the evaluate of prime() on unlabelled images."""
+    from primesvt_plugin.pruning.spiking import fresh_forward
+
+    def decisions(candidate):
+        with torch.no_grad():
+            out = fresh_forward(candidate.eval(), images)
+        return (out.mean(0) if out.dim() == 3 else out).argmax(-1)
+    reference = decisions(model)
+    return lambda candidate: float((decisions(candidate) == reference).float().mean())
+
+
+def test_ranking_by_energy_compresses_the_most_energetic_groups_first_and_saves_more_energy():
+    from primesvt_plugin.pruning.accounting import ops_energy
+    from primesvt_plugin.pruning.energy import layer_energy_pj
+    from primesvt_plugin.pruning.graph import SpikingGraph
+    from primesvt_plugin.pruning.policy import prime
+
+    model, images = firing_spikformer(), torch.rand(8, 1, 16, 16)
+    evaluate, before = agreement_with(model, images), estimate_energy(model, images).energy_pj
+    asked = dict(memory_saving=0.3, max_accuracy_drop=0.5, energy_inputs=images, progress=False)
+    by_memory = prime(model, images[:1], evaluate, rank_by="memory", **asked)
+    by_energy = prime(model, images[:1], evaluate, rank_by="energy", **asked)
+    both = prime(model, images[:1], evaluate, rank_by="both", **asked)
+    # Each group's energy: its layers' energy in proportion to the channels it touches (whole layers here)
+    layer_energy, graph = layer_energy_pj(model, images), SpikingGraph(model, images[:1])
+    expected = {g.name: ops_energy(g.channel_ops(range(g.size)), layer_energy) for g in graph.groups()}
+    groups = by_energy.report.groups
+    assert {g.name: g.energy_pj for g in groups} == pytest.approx({g.name: expected[g.name] for g in groups})
+    assert [g.energy_pj for g in groups] == sorted((g.energy_pj for g in groups), reverse=True)
+    for group in graph.groups():  # a share of the channels carries that share of the energy
+        half = ops_energy(group.channel_ops(range(0, group.size, 2)), layer_energy)
+        assert half == pytest.approx(expected[group.name] * len(range(0, group.size, 2)) / group.size)
+    assert [g.param_bytes for g in by_memory.report.groups] == sorted(
+        (g.param_bytes for g in by_memory.report.groups), reverse=True)
+    assert all(g.energy_pj is None for g in by_memory.report.groups)  # not measured when not ranked by
+    shares = {g.name: g.param_bytes / sum(r.param_bytes for r in groups) + g.energy_pj / sum(r.energy_pj for r in groups)
+              for g in groups}
+    assert [g.name for g in both.report.groups] == sorted(shares, key=shares.get, reverse=True)
+    assert [g.name for g in groups] != [g.name for g in by_memory.report.groups]  # the orders differ here
+    for result in (by_memory, by_energy, both):  # the target is still the memory saving
+        assert result.report.constraints_met and result.report.pruned.parameter_saving >= 0.3
+    energy_after = {name: estimate_energy(r.model, images).energy_pj
+                    for name, r in (("memory", by_memory), ("energy", by_energy))}
+    assert energy_after["energy"] < 0.8 * before  # the input stage's spikes and MACs go first
+    assert energy_after["energy"] < energy_after["memory"]
+    assert by_energy.report.rank_by == "energy" and by_energy.report.to_dict()["rank_by"] == "energy"
+
+
+def test_an_unknown_ranking_is_refused():
+    from primesvt_plugin.pruning.policy import prime
+
+    model, images = firing_spikformer(), torch.rand(2, 1, 16, 16)
+    with pytest.raises(ArgumentError, match="rank_by must be one of"):
+        prime(model, images[:1], agreement_with(model, images), memory_saving=0.2, max_accuracy_drop=0.1,
+              rank_by="latency")

@@ -14,7 +14,7 @@ from primesvt_plugin.deploy.quantization import OpenVINOArtifact, load_quantized
 from primesvt_plugin.errors import CheckpointError
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
 
-from conftest import build
+from conftest import build, run
 
 NEURONS = {
     "lif": lambda: neuron.LIFNode(step_mode="m"),
@@ -221,3 +221,71 @@ def test_int8_onnx_disagreeing_with_the_model_is_refused_and_not_written(tmp_pat
     with pytest.raises(ExportError, match=r"INT8 ONNX \(QDQ\) export agrees with the PyTorch model on"):
         onnx_int8(model, x[:1], tmp_path / "m.onnx", [x[:1].numpy()], verification, subset_size=1, pm=pm)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- mixed INT4/INT8 weights (nncf_int4) ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["spikformer", "spike_driven_transformer", "qkformer", "maxformer"])
+def test_kernel_1_convolutions_become_matmuls_with_the_same_outputs(name):
+    from primesvt_plugin.deploy.quantization import PointwiseMatMul, with_matmuls
+    from primesvt_plugin.pruning.memory import matmul_like
+
+    def pointwise(candidate):
+        return [m for m in candidate.modules() if matmul_like(m) and not isinstance(m, torch.nn.Linear)]
+
+    model, x = firing(name), many_images(4)
+    before = pointwise(model)
+    converted = with_matmuls(model).eval()
+    assert before and pointwise(model) == before  # the original is left as it was
+    assert len([m for m in converted.modules() if isinstance(m, PointwiseMatMul)]) == len(before)
+    assert not pointwise(converted)
+    assert torch.allclose(run(converted, x), run(model, x), atol=1e-5)
+
+
+def int4_constants(ov_model) -> int:
+    """Weight constants stored at 4 bits in an OpenVINO model."""
+    import openvino as ov
+
+    return sum(1 for op in ov_model.get_ops() if op.get_type_name() == "Constant"
+               and op.get_output_element_type(0) in (ov.Type.i4, ov.Type.u4))
+
+
+def test_int4_reaches_every_matmul_layer_and_the_flash_ledger_predicts_the_file(tmp_path):
+    """Weight compression: the matmul-like layers at INT4, the other convolutions INT8, a smaller file than
+    NNCF INT8, decisions kept; the ledger calibrated on the unpruned file predicts a pruned model's file."""
+    import primesvt_plugin as ps
+    from primesvt_plugin.deploy.quantization import nncf_int4
+    from primesvt_plugin.pruning.memory import INT4, flash_bytes, matmul_like
+
+    model, x = firing("spikformer"), many_images(16)
+    with torch.no_grad():  # batch norms as training leaves them: OpenVINO stores equal constants only once
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                for tensor, low, high in ((bn.weight, 2.0, 4.0), (bn.bias, 1.0, 2.0), (bn.running_mean, -0.1, 0.1),
+                                          (bn.running_var, 0.5, 2.0)):
+                    tensor.uniform_(low, high)
+    calibration = [x[i:i + 1].numpy() for i in range(8)]
+
+    def written(candidate, name):
+        artifact = nncf_int4(candidate, x[:1], calibration)
+        return artifact, artifact.weight_bytes(artifact.save(tmp_path / name))
+
+    int4, int4_bytes = written(model, "unpruned_int4")
+    assert int4_constants(int4.ov_model) == sum(matmul_like(m) for m in model.modules()) > 0
+    int8 = OpenVINOArtifact(quantize_int8(model, x[:1], calibration, subset_size=8))
+    assert int4_bytes < 0.9 * int8.weight_bytes(int8.save(tmp_path / "int8"))
+    verification = Verification.of(model, x.numpy(), min_agreement=0.0)
+    assert verification.check("int4", int4.predict(x.numpy()), "f32")["agreement"] >= 0.75
+    deployment = INT4.calibrated(flash_bytes(model, INT4), int4_bytes)
+    ps.SpikingPruner(model, x[:1], pruning_ratio=0.4).step()
+    _, pruned_bytes = written(model.eval(), "pruned_int4")
+    assert pruned_bytes < 0.7 * int4_bytes
+    assert abs(flash_bytes(model, deployment) - pruned_bytes) <= 0.005 * int4_bytes  # the runner's margin
+
+
+def test_an_int4_group_size_the_widths_do_not_divide_is_one_clear_error():
+    from primesvt_plugin.deploy.quantization import nncf_int4
+
+    model, x = firing("spikformer"), many_images(2)
+    with pytest.raises(ExportError, match="group_size 48.*prune.round_to"):
+        nncf_int4(model, x[:1], [x[:1].numpy()], group_size=48)

@@ -111,10 +111,14 @@ def test_recipe_variants_run(recipe, tmp_path):
 def test_overrides_reach_the_run(tmp_path):
     out = tmp_path / "o"
     assert run_cli(str(RECIPES / "prune_only.yaml"), "--out", str(out), *LEARNED,
-                   "--set", "prune.memory_saving=0.4", "--set", "prune.max_accuracy_drop=0.5") == 0
+                   "--set", "prune.memory_saving=0.4", "--set", "prune.max_accuracy_drop=0.5",
+                   "--set", "prune.rank_by=both") == 0
     report = read_report(out)
     assert report["recipe_data"]["prune"]["memory_saving"] == 0.4
     assert report["stages"][1]["memory_saving"] >= 0.4
+    assert report["prune"]["rank_by"] == "both"  # ranked by energy on validation images too
+    assert all(group["energy_pj"] > 0 for group in report["prune"]["groups"])
+    assert "by parameters and energy per image" in (out / "report.md").read_text()
 
 
 def test_same_recipe_and_seed_give_the_same_report(tmp_path):
@@ -201,6 +205,27 @@ def test_flash_recipe_meets_its_budgets_on_the_written_files(tmp_path):
     assert any(layer["out"][0] < layer["out"][1] for layer in report["layers"])
     markdown = (out / "report.md").read_text()
     assert "## Device memory (at int8)" in markdown and "output channels kept" in markdown
+
+
+def test_an_int4_recipe_searches_its_flash_budget_at_int4_and_meets_it_on_the_written_file(tmp_path):
+    """quantize.method nncf_int4: the budget is counted with INT4 matmul weights (the quantizer's deployment),
+    the file is model_int4.bin, and each layer's precision is in the report."""
+    recipe = tmp_path / "int4.yaml"
+    recipe.write_text(SMALL_DIGITS_MODEL + "train: {epochs: 4, lr: 0.01}\n"
+                      "prune: {flash_budget: 16000, max_accuracy_drop: 0.3}\n"
+                      "quantize: {method: nncf_int4, calibration_size: 32, max_accuracy_drop: 0.2}\n")
+    out = tmp_path / "out"
+    assert run_cli(str(recipe), "--out", str(out)) == 0
+    report = read_report(out)
+    written = (out / "model_int4.bin").stat().st_size
+    assert written <= 16000 and report["checks"]["flash <= 16000 B"]["ok"]
+    assert report["deployment"]["precision"] == "int4" and report["prune"]["constraints"]["deployment"] == "int4"
+    assert abs(report["prune"]["pruned"]["memory"]["flash_bytes"] - written) <= report["deployment"]["headroom_bytes"]
+    # the unpruned INT4 file is over the budget: pruning was needed, but less than at INT8
+    assert report["deployment"]["unpruned_flash_bytes"] > 16000
+    precisions = {layer["layer"]: layer["precision"] for layer in report["layers"]}
+    assert precisions["blocks.0.mlp.fc1.0"] == precisions["head"] == "int4"
+    assert precisions["patch_embed.stages.0.conv_bn.block.0"] == "int8"
 
 
 def test_impossible_budget_writes_the_best_feasible_plan_and_exits_3(tmp_path, capsys):

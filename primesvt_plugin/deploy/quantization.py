@@ -1,6 +1,10 @@
 """Quantization: NNCF INT8 on the OpenVINO IR, and the artifact a quantizer hands back
-(it saves itself, predicts, and knows its size and speed); NNCF INT8 on ONNX (QDQ) for
-runtimes other than OpenVINO, checked on onnxruntime."""
+(it saves itself, predicts, and knows its size and speed); NNCF INT4 weight compression of
+the matmul-like layers (mixed INT4/INT8 weights); NNCF INT8 on ONNX (QDQ) for runtimes other
+than OpenVINO, checked on onnxruntime.
+
+A quantizer carries the ``Deployment`` its files count bytes by (``quantizer.deployment``):
+flash budgets are searched at that precision."""
 from __future__ import annotations
 
 import functools
@@ -9,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ExportError, first_line
+from ..pruning.memory import INT4, INT8, matmul_like
 from .export import (Verification, compile_openvino, compiled_precision, predict_batches, predict_compiled,
                      removed_unless_verified, save_openvino, to_onnx, to_openvino_model, verification_or_example)
 from .latency import median_ms
@@ -87,6 +94,70 @@ def nncf_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
               subset_size: int = 300, inference_precision: str = "f32") -> OpenVINOArtifact:
     """NNCF INT8 (weights and activations) on the OpenVINO IR of ``model``; float ops run at ``inference_precision``."""
     return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size), inference_precision)
+
+
+nncf_int8.deployment = INT8
+
+
+class PointwiseMatMul(nn.Module):
+    """A kernel-1 convolution written as the matrix product it is, so that the exported graph holds a MatMul
+    (NNCF compresses only MatMul weights below 8 bits); same outputs as the convolution."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.spatial_dims = len(conv.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.dim() - 1 - self.spatial_dims  # 1, or 2 with a leading time axis (multi-step layers)
+        lead, spatial = x.shape[:channels], x.shape[channels + 1:]
+        y = torch.matmul(self.weight, x.reshape(*lead, x.shape[channels], -1)).reshape(*lead, -1, *spatial)
+        return y if self.bias is None else y + self.bias.view(-1, *[1] * self.spatial_dims)
+
+
+def with_matmuls(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every matmul-like convolution (``memory.matmul_like``) as a ``PointwiseMatMul``."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) and matmul_like(child):
+                setattr(parent, name, PointwiseMatMul(child))
+    return model
+
+
+def nncf_int4(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray],
+              subset_size: int = 300, ratio: float = 1.0, group_size: int = -1,
+              inference_precision: str = "f32") -> OpenVINOArtifact:
+    """Mixed INT4/INT8 weights with NNCF's weight compression on the OpenVINO IR of ``model``.
+
+    Matmul-like layers (linear, kernel-1 convolutions, exported as MatMul) get INT4 weights (symmetric,
+    per output channel, or per ``group_size`` inputs), the other convolutions INT8; activations stay
+    floating point. With ``ratio`` < 1 NNCF keeps the matmul weights it finds most sensitive on the
+    calibration images at INT8 until only ``ratio`` of them are INT4.
+    """
+    import nncf
+
+    if not 0 < ratio <= 1:
+        raise ExportError(f"nncf_int4: ratio must be in (0, 1], got {ratio}")
+    ov_model = to_openvino_model(with_matmuls(model), example_input)
+    dataset = None
+    if ratio < 1:  # NNCF ranks the layers on activations only when some must stay INT8
+        batches = [np.asarray(batch, dtype=np.float32) for batch in calibration]
+        dataset = nncf.Dataset(batches) if batches else None
+    try:
+        compressed = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT4_SYM, ratio=ratio,
+                                           group_size=group_size, all_layers=True, dataset=dataset,
+                                           subset_size=subset_size)
+    except nncf.errors.ParameterNotSupportedError as error:
+        raise ExportError(f"nncf_int4: {first_line(error)}") from None
+    except nncf.errors.InvalidGroupSizeError as error:
+        raise ExportError(f"nncf_int4 with group_size {group_size}: {first_line(error)}; use group_size: -1 (per "
+                          "output channel) or keep widths multiples of it (prune.round_to)") from None
+    return OpenVINOArtifact(compressed, inference_precision)
+
+
+nncf_int4.deployment = INT4
 
 
 def onnx_int8(model: nn.Module, example_input: torch.Tensor, path: Path, calibration: Iterable[np.ndarray],

@@ -82,6 +82,9 @@ class PruneSection(Section):
     round_to: int = Field(1, ge=1, description="kept widths are multiples of this (8 or 16 for SIMD targets)")
     search: Literal["bisect", "sweep"] = Field("bisect", description="bisect: each highest feasible rate by "
                                                                      "bisection; sweep: every rate in order")
+    rank_by: Literal["memory", "energy", "both"] = Field(
+        "memory", description="the order groups are compressed in: memory (the paper), energy per image of the "
+                              "layers they touch (op_counter on validation images), or both (sum of the shares)")
 
     # Validators raise ValueError because pydantic expects it: it becomes a ValidationError, which
     # load_recipe reports as a RecipeError naming the file and the field.

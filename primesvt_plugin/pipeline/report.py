@@ -46,14 +46,19 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def _groups_table(prime: PrimeReport) -> list[str]:
-    lines = ["", f"## Pruning groups (largest first, by {prime.constraints.memory})", "",
+    energy = prime.rank_by != "memory"  # the groups' energy was measured to rank them
+    order = {"memory": prime.constraints.memory, "energy": "energy per image",
+             "both": f"{prime.constraints.memory} and energy per image"}[prime.rank_by]
+    lines = ["", f"## Pruning groups (in the order compressed: largest first, by {order})", "",
              "Bytes each group's channels touch; a layer shared by two groups (one's output, "
              "the other's input channels) counts in both.", "",
-             "| group | channels | parameters | + neuron state | target rate | chosen rate | removed | freed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| group | channels | parameters | + neuron state |" + (" energy |" if energy else "")
+             + " target rate | chosen rate | removed | freed |",
+             "|---|---|---|---|" + ("---|" if energy else "") + "---|---|---|---|"]
     for g in prime.groups:
         lines.append(f"| {g.name} | {g.channels} | {_kib(g.param_bytes)} | {_kib(g.memory_bytes)} "
-                     f"| {g.target_rate:.1f} | {g.chosen_rate:.1f} | {g.removed_channels} | {_kib(g.freed_bytes)} |")
+                     + (f"| {g.energy_pj / 1e6:.3f} uJ " if energy else "")
+                     + f"| {g.target_rate:.1f} | {g.chosen_rate:.1f} | {g.removed_channels} | {_kib(g.freed_bytes)} |")
     return lines + ["", f"Policy: {prime.reason}; {prime.evaluations} evaluations; timings {prime.timings_s}."]
 
 

@@ -257,7 +257,8 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
     plan: dict[str, list[int]] = {}
     if recipe.prune:
         chance = chance_accuracy(data.labels("val"), data.num_classes)
-        plan = _prune(recipe, model, example, val, data, chance, report, stage, pm, progress, deployment, checkpoint)
+        plan = _prune(recipe, model, example, val, data, chance, report, stage, pm, progress, deployment, checkpoint,
+                      energy_images)
         distributed.same_on_every_rank(plan, "the pruning plan")
         model.eval()
         pruned = footprint(model, example, deployment)
@@ -295,16 +296,16 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
     if recipe.quantize and distributed.is_main():  # the other ranks' work ends with the pruned model
         q = recipe.quantize
         artifact = _quantize(recipe, model, example, data, pm, progress)
-        files = artifact.save(stage / "model_int8")
+        files = artifact.save(stage / f"model_{deployment.name}")  # model_int8, model_int4
         weight_bytes = artifact.weight_bytes(files)
         int8_test = _predict_accuracy(artifact, data.loader("test", recipe.data.batch_size))
         stages.append({"stage": f"{q.method}", "test_accuracy": int8_test, "weight_bytes": weight_bytes,
                        "latency_ms": artifact.latency_ms(example.numpy()),
                        "inference_precision": getattr(artifact, "compiled_precision", None),
-                       # the same operations at INT8 costs (op_counter cannot run an OpenVINO model)
-                       "energy": estimate_energy(model, energy_images, "int8").as_dict()})
-        if recipe.prune:  # the embedded budget: pruning + INT8
-            checks[f"int8 weights <= {q.max_weight_fraction:.0%} of unpruned fp32 params"] = {
+                       # the same operations at the deployment's costs (op_counter cannot run an OpenVINO model)
+                       "energy": estimate_energy(model, energy_images, deployment.energy_precision).as_dict()})
+        if recipe.prune:  # the embedded budget: pruning + quantization
+            checks[f"{deployment.name} weights <= {q.max_weight_fraction:.0%} of unpruned fp32 params"] = {
                 "ok": weight_bytes <= q.max_weight_fraction * param_bytes,
                 "detail": f"{weight_bytes} B = {weight_bytes / param_bytes:.2%} of {param_bytes} B"}
         if recipe.prune and recipe.prune.flash_budget is not None:  # measured on the written weight file
@@ -366,12 +367,14 @@ def _calibration(recipe: Recipe, data: Datasets) -> list[np.ndarray]:
 
 def _deployment(recipe: Recipe, model: nn.Module, example: torch.Tensor, data: Datasets, pm, progress: bool,
                 report: dict) -> Deployment:
-    """The precision flash and RAM are counted at: INT8 when the recipe quantizes, else FP32.
+    """The precision flash and RAM are counted at: the recipe's quantizer's (``quantizer.deployment``, INT8
+    when it says none), else FP32.
 
     With a flash budget and a quantizer, the unpruned model is quantized once and its weight
     file measured, so the prediction the search works with equals that file (``calibrated``).
     """
-    deployment = INT8 if recipe.quantize else FP32
+    deployment = getattr(registries(pm).quantizers[recipe.quantize.method], "deployment", INT8) \
+        if recipe.quantize else FP32
     report["deployment"] = {"precision": deployment.name}
     if recipe.quantize and recipe.prune and recipe.prune.flash_budget is not None:
         with tempfile.TemporaryDirectory() as folder:
@@ -399,14 +402,15 @@ def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def layer_table(before: dict[str, tuple[int, int]], model: nn.Module, deployment: Deployment) -> list[dict]:
     """Each conv/linear layer: output and input channels kept of how many, and the precision its weights
-    deploy at (the deployment's: one precision for every layer so far)."""
-    after = layer_shapes(model)
+    deploy at (``Deployment.precision_of``: INT4 for the matmul-like layers under ``nncf_int4``)."""
+    after, layers = layer_shapes(model), dict(model.named_modules())
     return [{"layer": name, "out": [after[name][0], width[0]], "in": [after[name][1], width[1]],
-             "precision": deployment.name} for name, width in before.items() if name in after]
+             "precision": deployment.precision_of(layers[name])} for name, width in before.items() if name in after]
 
 
 def _prune(recipe: Recipe, model, example, val, data: Datasets, chance: float, report: dict, stage: Path, pm,
-           progress: bool, deployment: Deployment = FP32, checkpoint: dict | None = None) -> dict[str, list[int]]:
+           progress: bool, deployment: Deployment = FP32, checkpoint: dict | None = None,
+           energy_images: torch.Tensor | None = None) -> dict[str, list[int]]:
     p = recipe.prune
     importance = registries(pm).importances[p.importance]()
     finetune = _finetune(recipe, model, data, report, progress, checkpoint) if recipe.finetune else None
@@ -419,8 +423,9 @@ def _prune(recipe: Recipe, model, example, val, data: Datasets, chance: float, r
     result = prime(model, example, lambda m: accuracy(m, val), memory_saving=p.memory_saving,
                    flash_budget=p.flash_budget, ram_budget=p.ram_budget, deployment=deployment,
                    max_accuracy_drop=p.max_accuracy_drop, min_accuracy=p.min_accuracy, rates=p.rates,
-                   objective=p.objective, round_to=p.round_to, search=p.search, memory=p.memory, importance=importance, finetune=finetune, inplace=True,
-                   progress=progress, pm=pm, chance_accuracy=chance)
+                   objective=p.objective, round_to=p.round_to, search=p.search, memory=p.memory,
+                   rank_by=p.rank_by, energy_inputs=energy_images, importance=importance, finetune=finetune,
+                   inplace=True, progress=progress, pm=pm, chance_accuracy=chance)
     report["prune"] = result.report.to_dict()
     if result.report.groups:
         plot_sensitivity(result.report, stage / "sensitivity.png")

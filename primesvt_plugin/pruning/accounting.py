@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .attention import WIDTH, AttentionLayout
-from .channels import IN, OUT, ChannelOp, bytes_per_channel, expand_chunks
+from .channels import IN, OUT, ChannelOp, bytes_per_channel, channels_of, expand_chunks
 
 _REGISTERED_PRUNERS_ONLY = tp.DependencyGraph()  # knows Torch-Pruning's own pruning functions
 
@@ -65,4 +65,18 @@ def ops_bytes(ops, neuron_state: dict) -> int:
             total += neuron_state[op.layer] * len(op.idxs) // max(op.of, 1)
         else:
             total += bytes_per_channel(op.layer, op.direction) * len(op.idxs)
+    return total
+
+
+def ops_energy(ops, layer_energy: dict) -> float:
+    """Energy (pJ per image) of the layers a list of ChannelOps touches, in proportion to the channels it removes.
+
+    ``layer_energy`` is ``energy.layer_energy_pj``: a layer's operations and traffic scale with its
+    channels, so removing a share of them removes that share of its energy.
+    """
+    total = 0.0
+    for op in ops:
+        channels = channels_of(op)
+        if channels:
+            total += layer_energy.get(op.layer, 0.0) * len(op.idxs) / channels
     return total

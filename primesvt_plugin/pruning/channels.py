@@ -67,6 +67,14 @@ def bytes_per_channel(layer: nn.Module, direction: str) -> int:
     return sum(t.numel() // t.shape[dim] * t.element_size() for t, dim in channel_slices(layer, direction))
 
 
+def channels_of(op: ChannelOp) -> int:
+    """How many channels ``op.layer`` has along ``op.direction`` (0 for a layer without channel tensors)."""
+    if op.of:
+        return op.of
+    slices = channel_slices(op.layer, op.direction)
+    return slices[0][0].shape[slices[0][1]] if slices else 0
+
+
 def zero_channels(op: ChannelOp, saved: dict[torch.Tensor, torch.Tensor]) -> None:
     """Zero the channels of ``op`` in place, first saving each touched tensor into ``saved``."""
     index = torch.tensor(op.idxs, dtype=torch.long)

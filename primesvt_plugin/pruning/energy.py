@@ -7,6 +7,10 @@ plus parameter and neuron-state traffic) and divides by the batch. Spike rates a
 the mean output of every spiking layer. The memory ledger (``memory.py``) predicts
 bytes without running anything, which the search needs; energy needs spikes, so it
 is measured, on the validation images, before and after each stage.
+
+``layer_energy_pj`` splits the same estimate by layer (op_counter records every
+count under the module that ran it), so ``prime(rank_by="energy")`` can rank the
+pruning groups by the energy of the layers their channels touch.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional, neuron
-from spikingjelly.activation_based.op_counter import SimpleEnergyConfig, SimpleEnergyCostConfig, estimate_simple_energy
+from spikingjelly.activation_based.op_counter import SimpleEnergyConfig, SimpleEnergyCostConfig
+from spikingjelly.activation_based.op_counter.simple_energy import SimpleEnergyProfiler
 
 from ..errors import ArgumentError
 from .spiking import has_time_axis, inference, overridden_forward
@@ -63,15 +68,22 @@ def spike_rates(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
     return {names[m]: s / n for m, (s, n) in totals.items() if n}
 
 
-def estimate_energy(model: nn.Module, images: torch.Tensor, precision: str = "fp32") -> Energy:
-    """Operations and energy per image of ``model`` on ``images`` (one batch), at ``precision``."""
+def _profiled(model: nn.Module, images: torch.Tensor, precision: str) -> tuple[SimpleEnergyProfiler, float]:
+    """op_counter's profiler after one pass of ``model`` on ``images``, and the per-image factor."""
     if precision not in PRECISIONS:
         raise ArgumentError(f"energy precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    config = SimpleEnergyConfig(cost_config=PRECISIONS[precision]())
-    with inference(model):
-        report = estimate_simple_energy(model, images, config=config)
+    profiler = SimpleEnergyProfiler(config=SimpleEnergyConfig(cost_config=PRECISIONS[precision]()))
+    profiler.bind_model(model)
+    with inference(model), profiler:
+        model(images)
     functional.reset_net(model)
-    per_image = 1.0 / (images.shape[1] if has_time_axis(model, images) else len(images))
+    return profiler, 1.0 / (images.shape[1] if has_time_axis(model, images) else len(images))
+
+
+def estimate_energy(model: nn.Module, images: torch.Tensor, precision: str = "fp32") -> Energy:
+    """Operations and energy per image of ``model`` on ``images`` (one batch), at ``precision``."""
+    profiler, per_image = _profiled(model, images, precision)
+    report = profiler.get_report()
     counts = report.counts
     return Energy(precision=precision, macs=counts["mac"] * per_image,
                   synaptic_ops=(counts["ac"] + counts.get("synop", 0)) * per_image,
@@ -79,3 +91,26 @@ def estimate_energy(model: nn.Module, images: torch.Tensor, precision: str = "fp
                   energy_pj=report.energy_total_pj * per_image, compute_pj=report.energy_compute_pj * per_image,
                   memory_pj=report.energy_memory_pj * per_image, spike_rates=spike_rates(model, images),
                   breakdown_pj={term: pj * per_image for term, pj in report.breakdown_pj.items()})
+
+
+MEMORY_COUNTS = ("weight_read_bytes", "bias_read_bytes", "neuron_state_read_bytes", "neuron_state_write_bytes")
+
+
+def layer_energy_pj(model: nn.Module, images: torch.Tensor, precision: str = "fp32") -> dict[nn.Module, float]:
+    """Estimated energy per image (pJ) of every module of ``model`` on ``images``, its submodules included.
+
+    The same terms as ``estimate_energy`` (MACs, accumulates, parameter and neuron-state
+    traffic), taken from the scope op_counter records each count under.
+    """
+    profiler, per_image = _profiled(model, images, precision)
+    cost = profiler.config.cost_config
+    macs, accumulates = profiler.mac_counter.get_counts(), profiler.ac_counter.get_counts()
+    traffic = profiler.memory_counter.get_counts()
+    prefix = type(model).__name__
+    energy = {}
+    for name, module in model.named_modules():
+        scope = f"{prefix}.{name}" if name else prefix  # op_counter names scopes after the model's class
+        pj = (sum(macs.get(scope, {}).values()) * cost.e_mac_pj + sum(accumulates.get(scope, {}).values()) * cost.e_ac_pj
+              + sum(traffic.get(scope, {}).get(key, 0) for key in MEMORY_COUNTS) * cost.e_memory_pj_per_byte)
+        energy[module] = pj * per_image
+    return energy

@@ -1,7 +1,8 @@
 """The PrimeSVT policy: memory-ranked, sensitivity-guided, one-shot structured pruning.
 
 1. *Rank* the pruning groups by the memory they hold (parameters, buffers and
-   neuron state, see ``memory.py``).
+   neuron state, see ``memory.py``), or by the energy of the layers they touch
+   (``rank_by="energy"``, op_counter's estimate, see ``energy.py``), or by both.
 2. *Measure robustness*: a group's *target* is its highest rate, alone, within
    the allowed drop.
 3. *Compress by priority*: from the largest group to the smallest, keep the
@@ -33,7 +34,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..errors import ArgumentError, EvaluationError
-from .accounting import ops_bytes
+from .accounting import ops_bytes, ops_energy
+from .energy import layer_energy_pj
 from .graph import PruningGroup, SpikingGraph
 from .importance import example_gradients, needs_gradients
 from .memory import FP32, SAVING_MEASURES, Deployment, Footprint, LedgerState, footprint, layer_outputs
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CHANCE_MARGIN = 0.01  # a baseline this close to chance_accuracy counts as chance
+RANKINGS = ("memory", "energy", "both")
 
 
 class _Evaluator:
@@ -117,7 +120,8 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
           finetune: Callable[[nn.Module], None] | None = None, ignored_layers: Sequence[nn.Module] = (),
           inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None,
           chance_accuracy: float | None = None, objective: str = "target", round_to: int = 1,
-          search: str = "bisect") -> PrimeResult:
+          search: str = "bisect", rank_by: str = "memory",
+          energy_inputs: torch.Tensor | None = None) -> PrimeResult:
     """Prune ``model`` to save ``memory_saving`` of its memory within an accuracy budget.
 
     ``evaluate(model) -> float`` scores the model (higher is better, e.g. accuracy
@@ -143,12 +147,20 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     ``round_to`` keeps every pruned width a multiple of it (e.g. 8 or 16 for SIMD
     hardware). ``search="bisect"`` finds each highest feasible rate by bisection;
     ``"sweep"`` tries the rates in order (same plan when accuracy falls with the rate).
+
+    ``rank_by`` orders the groups the compression visits: ``"memory"`` (the paper: the
+    bytes of ``memory``), ``"energy"`` (the estimated energy per image of the layers the
+    group's channels touch, SpikingJelly's op_counter on ``energy_inputs``, default
+    ``example_inputs``: give real images, as spikes decide the energy) or ``"both"``
+    (the sum of the group's share of all groups' bytes and of their energy). The target
+    stays the memory saving and budgets; the ranking decides where it is taken first.
     """
     rates = _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates)
     _check_budgets(memory_saving, flash_budget, ram_budget, deployment)
     memory_saving = memory_saving or 0.0
     _check_choice("objective", objective, OBJECTIVES)
     _check_choice("search", search, SEARCHES)
+    _check_choice("rank_by", rank_by, RANKINGS)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ArgumentError(f"round_to must be a positive integer, got {round_to!r}")
     was_training = model.training
@@ -157,9 +169,12 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
         model = copy.deepcopy(model, copies)
         ignored_layers = [copies.get(id(layer), layer) for layer in ignored_layers]  # the copy's own layers
     example_inputs = to_model_device(model, example_inputs)
+    energy_inputs = None if rank_by == "memory" else to_model_device(
+        model, example_inputs if energy_inputs is None else energy_inputs)
     model.eval()
     try:
-        state = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, deployment, pm)
+        state = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, deployment, pm,
+                              rank_by, energy_inputs)
         constraints = state.constraints(memory_saving, max_accuracy_drop, min_accuracy, objective, round_to,
                                         flash_budget, ram_budget)
         warnings = _chance_warnings(state.baseline, chance_accuracy)
@@ -169,7 +184,8 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
         outcome = state.apply(plan, finetune)
     finally:
         model.train(was_training)
-    return PrimeResult(model, _report(state, constraints, warnings, plan, predicted, outcome, rates, search))
+    return PrimeResult(model, _report(state, constraints, warnings, plan, predicted, outcome, rates, search,
+                                      rank_by))
 
 
 def _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates) -> list[float]:
@@ -227,7 +243,7 @@ class _Search:
 
     @classmethod
     def start(cls, model, example_inputs, evaluate, ignored_layers, importance, memory, deployment,
-              pm) -> "_Search":
+              pm, rank_by="memory", energy_inputs=None) -> "_Search":
         """Trace, score and rank the groups; evaluate the unpruned model."""
         clock = time.perf_counter()
         _check_example_inputs(model, example_inputs)
@@ -237,8 +253,10 @@ class _Search:
         with example_gradients(model, example_inputs) if needs_gradients(importance) else contextlib.nullcontext():
             scores = {g.name: importance(g.importance_group) for g in groups}
         groups = [g for g in groups if scores[g.name] is not None]
-        records = {g.name: _record(g, graph) for g in groups}
-        groups.sort(key=lambda g: records[g.name].size_bytes(memory), reverse=True)
+        energy = None if rank_by == "memory" else layer_energy_pj(model, energy_inputs)
+        records = {g.name: _record(g, graph, energy) for g in groups}
+        ranking = _ranking(list(records.values()), memory, rank_by)
+        groups.sort(key=lambda g: ranking(records[g.name]), reverse=True)
         search = cls(model, example_inputs, graph, groups, scores, records,
                      footprint(model, example_inputs, deployment), memory, deployment, _Evaluator(evaluate, model))
         search.timings["trace_and_rank"] = time.perf_counter() - clock
@@ -288,7 +306,7 @@ class _Search:
 
 
 def _report(search: _Search, constraints: Constraints, warnings: list[str], plan, predicted: Footprint,
-            outcome: _Outcome, rates: list[float], search_method: str) -> PrimeReport:
+            outcome: _Outcome, rates: list[float], search_method: str, rank_by: str) -> PrimeReport:
     before, after, memory = search.before, outcome.after, search.memory
     saving = 1.0 - after.bytes_of(memory) / before.bytes_of(memory)
     final = outcome.pruned_accuracy if outcome.finetuned_accuracy is None else outcome.finetuned_accuracy
@@ -310,15 +328,28 @@ def _report(search: _Search, constraints: Constraints, warnings: list[str], plan
         finetuned=None if outcome.finetuned_accuracy is None else Scored(outcome.finetuned_accuracy),
         groups=records, plan=plan, evaluations=search.evaluate.calls,
         search_in_evaluation_passes=seconds.get("search", 0.0) / max(seconds["one_evaluation"], 1e-9),
-        rates=rates, timings_s={k: round(v, 3) for k, v in seconds.items()}, search=search_method,
+        rates=rates, timings_s={k: round(v, 3) for k, v in seconds.items()}, search=search_method, rank_by=rank_by,
     )
 
 
-def _record(group: PruningGroup, graph: SpikingGraph) -> GroupRecord:
+def _record(group: PruningGroup, graph: SpikingGraph, layer_energy: dict | None = None) -> GroupRecord:
     ops = group.channel_ops(range(group.size))
     memory = ops_bytes(ops, graph.state_bytes)
     params = ops_bytes([op for op in ops if op.layer not in graph.state_bytes], {})
-    return GroupRecord(group.name, group.kind, group.size, group.channel_groups, memory, params, memory / group.size)
+    return GroupRecord(group.name, group.kind, group.size, group.channel_groups, memory, params, memory / group.size,
+                       energy_pj=None if layer_energy is None else ops_energy(ops, layer_energy))
+
+
+def _ranking(records: list[GroupRecord], memory: str, rank_by: str) -> Callable[[GroupRecord], float]:
+    """What the groups are sorted by, largest first: their bytes of ``memory``, their energy, or (``"both"``)
+    their share of all groups' bytes plus their share of all groups' energy."""
+    if rank_by == "memory":
+        return lambda record: record.size_bytes(memory)
+    if rank_by == "energy":
+        return lambda record: record.energy_pj
+    all_bytes = sum(r.size_bytes(memory) for r in records) or 1
+    all_energy = sum(r.energy_pj for r in records) or 1.0
+    return lambda record: record.size_bytes(memory) / all_bytes + record.energy_pj / all_energy
 
 
 def _reason(met, outcomes: list[tuple[bool, str]], accuracy, floor, n_groups, at_highest_rate: bool = False) -> str:

@@ -41,6 +41,7 @@ class GroupRecord:
     removed_channels: int = 0
     freed_bytes: int = 0
     evaluations: int = 0  # masked trials of this group (robustness and compression)
+    energy_pj: float | None = None  # per image, of the layers the group's channels touch (rank_by energy/both)
 
     def size_bytes(self, memory: str) -> int:
         """The bytes the ranking orders by: ``param_bytes`` for ``"parameters"``, else ``memory_bytes``."""
@@ -127,6 +128,7 @@ class PrimeReport:
     rates: list[float]
     timings_s: dict[str, float]
     search: str = "bisect"  # "bisect" | "sweep"
+    rank_by: str = "memory"  # "memory" | "energy" | "both": what ordered the groups
 
     @property
     def final_accuracy(self) -> float:
