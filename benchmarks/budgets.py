@@ -85,7 +85,7 @@ def one_seed(seed: int, budgets: list[int], ratios: list[float], max_drop: float
                          "ram_bytes"), "checks": {k: v["ok"] for k, v in report["checks"].items()},
                      "reason": report.get("prune", {}).get("reason"),
                      "budget_met": next((v["ok"] for k, v in report["checks"].items() if k.startswith("flash <=")), None)})
-        print(f"seed {seed} {name}: {100 * quantized["test_accuracy"]:.2f}% at {quantized["weight_bytes"]} B", flush=True)
+        print(f"seed {seed} {name}: {100 * quantized['test_accuracy']:.2f}% at {quantized['weight_bytes']} B", flush=True)
     for row in rows:
         row["drop_points"] = 100 * (fp32["test_accuracy"] - row["test_accuracy"])
     return rows

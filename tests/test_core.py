@@ -49,7 +49,7 @@ from primesvt_plugin.pruning.graph import PruningGroup
 from primesvt_plugin.pruning.importance import KIB, example_gradients, gradient_loss, needs_gradients
 from primesvt_plugin.pruning.spiking import fresh_forward
 from primesvt_plugin.pruning.masking import Masks
-from primesvt_plugin.pruning.memory import FP32, INT8, Footprint, LedgerState, layer_outputs, one_sample, state_bytes
+from primesvt_plugin.pruning.memory import FP32, INT4, INT8, Footprint, LedgerState, layer_outputs, one_sample, state_bytes
 from primesvt_plugin.pruning.policy import prime
 from primesvt_plugin.plugins import hookimpl
 from primesvt_plugin.pruning.pruner import apply_plan
@@ -379,6 +379,9 @@ def test_ledger_counts_each_removed_entry_once():
 INT8_FLASH = 660 * 1 + 23 * 8  # INT8: 1 B per weight entry, 8 B per output channel (scale, bias)
 FP32_RAM, INT8_RAM = STATE + 1024 * 4, STATE + 1024 * 1
 CONV2_INT8_FLASH = 36 + 8 + 3  # one conv2 channel: its 4 x 3 x 3 weights, scale and bias, fc's input column
+# INT4 (nncf_int4): fc is matmul-like (half a byte per weight entry), the 3x3 convolutions stay INT8; 9.2 B per
+# output channel; weight-only, so activations stay FP32 (no buffers: batch norms fold)
+INT4_FLASH, INT4_RAM = round(612 * 1 + 48 * 0.5 + 23 * 9.2), STATE + 1024 * 4
 
 
 def test_flash_and_ram_are_counted_at_the_deployment_precision():
@@ -389,9 +392,13 @@ def test_flash_and_ram_are_counted_at_the_deployment_precision():
     assert (int8.flash_bytes, int8.ram_bytes) == (INT8_FLASH, INT8_RAM)
     assert footprint(model, x, INT8.calibrated(INT8_FLASH, INT8_FLASH + 300)).flash_bytes == INT8_FLASH + 300
     assert int8.bytes_of("flash") == INT8_FLASH and int8.bytes_of("ram") == INT8_RAM
+    int4 = footprint(model, x, INT4)
+    assert (int4.flash_bytes, int4.ram_bytes) == (INT4_FLASH, INT4_RAM)
+    assert [INT4.precision_of(m) for m in (model.conv1, model.conv2, model.fc)] == ["int8", "int8", "int4"]
+    assert {INT8.precision_of(m) for m in (model.conv1, model.fc)} == {"int8"} and FP32.precision_of(model.fc) == "fp32"
 
 
-@pytest.mark.parametrize("deployment", [FP32, INT8], ids=["fp32", "int8"])
+@pytest.mark.parametrize("deployment", [FP32, INT8, INT4], ids=["fp32", "int8", "int4"])
 def test_ledger_predicts_flash_and_ram_after_removals(deployment):
     model, x = net(), inputs()
     graph = SpikingGraph(model, x)

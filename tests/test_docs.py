@@ -75,3 +75,12 @@ def test_hookspecs_document_parameters_returns_and_firstresult():
         assert ("firstresult" in doc) == firstresult, spec.__name__
     prune_doc = inspect.getdoc(hookspecs.primesvt_prune_spiking_layer)
     assert "sorted ``list[int]``" in prune_doc and "REMOVE" in prune_doc and "requires_grad" in prune_doc
+
+
+def test_every_benchmark_script_compiles_on_this_python():
+    """Benchmarks are run by hand, not by the tests: at least they must parse (an f-string that only Python 3.12
+    reads once broke two of them)."""
+    scripts = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    assert scripts
+    for script in scripts:
+        compile(script.read_text(), str(script), "exec")  # raises SyntaxError naming the file and line

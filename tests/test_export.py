@@ -242,6 +242,30 @@ def test_kernel_1_convolutions_become_matmuls_with_the_same_outputs(name):
     assert torch.allclose(run(converted, x), run(model, x), atol=1e-5)
 
 
+@pytest.mark.parametrize("layer, matmul", [
+    (torch.nn.Conv1d(6, 4, 1), True), (torch.nn.Conv2d(6, 4, 1, bias=False), True), (torch.nn.Linear(6, 4), True),
+    (torch.nn.Conv1d(6, 4, 1, groups=2), False), (torch.nn.Conv2d(6, 4, 1, stride=2), False),
+    (torch.nn.Conv2d(6, 4, 1, padding=1), False), (torch.nn.Conv2d(6, 4, 3), False),
+    (torch.nn.ConvTranspose2d(6, 4, 1), False), (torch.nn.Conv3d(6, 4, 1), False),
+], ids=["conv1d", "conv2d-1x1", "linear", "grouped", "strided", "padded", "3x3", "transposed", "conv3d"])
+def test_only_layers_that_are_matrix_products_become_matmuls_and_they_compute_the_same(layer, matmul):
+    from primesvt_plugin.deploy.quantization import PointwiseMatMul, with_matmuls
+    from primesvt_plugin.pruning.memory import matmul_like
+
+    assert matmul_like(layer) == matmul
+    model = with_matmuls(torch.nn.Sequential(layer)).eval()
+    converted = isinstance(model[0], PointwiseMatMul)
+    assert converted == (matmul and not isinstance(layer, torch.nn.Linear))  # a linear layer exports as MatMul
+    shape = {torch.nn.Linear: (5, 6), torch.nn.Conv1d: (5, 6, 7), torch.nn.Conv3d: (5, 6, 3, 3, 3)}.get(
+        type(layer), (5, 6, 7, 7))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(x), layer(x), atol=1e-6)
+        if converted:  # a multi-step SpikingJelly layer's input: time ahead of the batch
+            assert torch.allclose(model(x.unsqueeze(0).repeat(2, *[1] * x.dim())), layer(x).unsqueeze(0).repeat(
+                2, *[1] * x.dim()), atol=1e-6)
+
+
 def int4_constants(ov_model) -> int:
     """Weight constants stored at 4 bits in an OpenVINO model."""
     import openvino as ov

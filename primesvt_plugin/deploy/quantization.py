@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, ExportError, first_line
 from ..pruning.memory import INT4, INT8, matmul_like
-from .export import (Verification, compile_openvino, compiled_precision, predict_batches, predict_compiled,
+from .export import (Verification, compile_openvino, compiled_precision, cpu_model, predict_batches, predict_compiled,
                      removed_unless_verified, save_openvino, to_onnx, to_openvino_model, verification_or_example)
 from .latency import median_ms
 
@@ -63,7 +63,7 @@ class OpenVINOArtifact:
 
 
 def load_quantized(path: str | Path, precision: str = "f32") -> OpenVINOArtifact:
-    """Load ``model_int8.xml`` (with its .bin) written by a recipe run, to run at ``precision``."""
+    """Load ``model_int8.xml`` / ``model_int4.xml`` (with its .bin) written by a recipe run, to run at ``precision``."""
     import openvino as ov
 
     path = Path(path)
@@ -139,8 +139,8 @@ def nncf_int4(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
     import nncf
 
     if not 0 < ratio <= 1:
-        raise ExportError(f"nncf_int4: ratio must be in (0, 1], got {ratio}")
-    ov_model = to_openvino_model(with_matmuls(model), example_input)
+        raise ExportError(f"nncf_int4: quantize.args.ratio must be in (0, 1], got {ratio}")
+    ov_model = to_openvino_model(with_matmuls(cpu_model(model)), example_input)  # one copy, on the CPU
     dataset = None
     if ratio < 1:  # NNCF ranks the layers on activations only when some must stay INT8
         batches = [np.asarray(batch, dtype=np.float32) for batch in calibration]
@@ -152,8 +152,9 @@ def nncf_int4(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
     except nncf.errors.ParameterNotSupportedError as error:
         raise ExportError(f"nncf_int4: {first_line(error)}") from None
     except nncf.errors.InvalidGroupSizeError as error:
-        raise ExportError(f"nncf_int4 with group_size {group_size}: {first_line(error)}; use group_size: -1 (per "
-                          "output channel) or keep widths multiples of it (prune.round_to)") from None
+        raise ExportError(f"nncf_int4 with quantize.args.group_size {group_size}: {first_line(error)}; use "
+                          "group_size: -1 (one scale per output channel, the default) or keep every width a multiple "
+                          "of it (prune.round_to)") from None
     return OpenVINOArtifact(compressed, inference_precision)
 
 

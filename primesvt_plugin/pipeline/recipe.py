@@ -66,11 +66,14 @@ class PruneSection(Section):
                                                                   "budgets are given)")
     memory: Literal["parameters", "footprint"] = Field("parameters", description="what memory_saving measures")
     flash_budget: ByteSize | None = Field(None, gt=0, description="most bytes of weights on the device (53976, "
-                                                                  "'50KB' = 50,000, '50KiB' = 51,200), at INT8 "
-                                                                  "when the recipe quantizes, else FP32")
+                                                                  "'50KB' = 50,000, '50KiB' = 51,200), at the "
+                                                                  "quantizer's precision (nncf_int8: INT8, "
+                                                                  "nncf_int4: INT4/INT8) or FP32 without quantize")
     ram_budget: ByteSize | None = Field(None, gt=0, description="most bytes of neuron state + buffers + the "
                                                                 "largest layer output, one sample (attention's "
-                                                                "matrix products not counted)")
+                                                                "matrix products not counted); activations at "
+                                                                "1 B under nncf_int8, 4 B under nncf_int4 "
+                                                                "(weight-only) and FP32")
     max_accuracy_drop: float | None = Field(0.02, ge=0, le=1, description="allowed validation accuracy drop (0-1)")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="lowest validation accuracy allowed (0-1)")
     rates: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])

@@ -298,8 +298,8 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
         artifact = _quantize(recipe, model, example, data, pm, progress)
         files = artifact.save(stage / f"model_{deployment.name}")  # model_int8, model_int4
         weight_bytes = artifact.weight_bytes(files)
-        int8_test = _predict_accuracy(artifact, data.loader("test", recipe.data.batch_size))
-        stages.append({"stage": f"{q.method}", "test_accuracy": int8_test, "weight_bytes": weight_bytes,
+        quantized_test = _predict_accuracy(artifact, data.loader("test", recipe.data.batch_size))
+        stages.append({"stage": f"{q.method}", "test_accuracy": quantized_test, "weight_bytes": weight_bytes,
                        "latency_ms": artifact.latency_ms(example.numpy()),
                        "inference_precision": getattr(artifact, "compiled_precision", None),
                        # the same operations at the deployment's costs (op_counter cannot run an OpenVINO model)
@@ -312,8 +312,8 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
             checks[f"flash <= {recipe.prune.flash_budget} B"] = _budget_check(
                 weight_bytes, recipe.prune.flash_budget, report["deployment"].get("unpruned_flash_bytes"), deployment)
         checks[f"test accuracy drop <= {100 * q.max_accuracy_drop:g} points"] = {
-            "ok": baseline_test - int8_test <= q.max_accuracy_drop,
-            "detail": f"{100 * baseline_test:.2f}% -> {100 * int8_test:.2f}%"}
+            "ok": baseline_test - quantized_test <= q.max_accuracy_drop,
+            "detail": f"{100 * baseline_test:.2f}% -> {100 * quantized_test:.2f}%"}
 
     if recipe.export and distributed.is_main():
         e = recipe.export
@@ -379,7 +379,7 @@ def _deployment(recipe: Recipe, model: nn.Module, example: torch.Tensor, data: D
     if recipe.quantize and recipe.prune and recipe.prune.flash_budget is not None:
         with tempfile.TemporaryDirectory() as folder:
             artifact = _quantize(recipe, model, example, data, pm, progress)
-            measured = artifact.weight_bytes(artifact.save(Path(folder) / "unpruned_int8"))
+            measured = artifact.weight_bytes(artifact.save(Path(folder) / "unpruned"))
         predicted = flash_bytes(model, deployment)
         # the search keeps a margin below the budget for what the formula cannot see (OpenVINO stores equal
         # constants once): it was within 0.1% of the written pruned files on the digits Spikformer

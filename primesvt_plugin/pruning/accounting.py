@@ -72,11 +72,15 @@ def ops_energy(ops, layer_energy: dict) -> float:
     """Energy (pJ per image) of the layers a list of ChannelOps touches, in proportion to the channels it removes.
 
     ``layer_energy`` is ``energy.layer_energy_pj``: a layer's operations and traffic scale with its
-    channels, so removing a share of them removes that share of its energy.
+    channels, so removing a share of them removes that share of its energy. A module's energy includes
+    its submodules', so a layer inside another one the ops touch (a neuron's own batch norm) is not
+    counted again.
     """
+    touched = {op.layer for op in ops}
+    inner = {m for layer in touched for m in layer.modules() if m is not layer}
     total = 0.0
     for op in ops:
         channels = channels_of(op)
-        if channels:
+        if channels and op.layer not in inner:
             total += layer_energy.get(op.layer, 0.0) * len(op.idxs) / channels
     return total

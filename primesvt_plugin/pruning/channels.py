@@ -71,6 +71,8 @@ def channels_of(op: ChannelOp) -> int:
     """How many channels ``op.layer`` has along ``op.direction`` (0 for a layer without channel tensors)."""
     if op.of:
         return op.of
+    if op.direction == IN and isinstance(op.layer, nn.modules.conv._ConvNd):
+        return op.layer.in_channels  # a grouped convolution's weight holds in_channels / groups
     slices = channel_slices(op.layer, op.direction)
     return slices[0][0].shape[slices[0][1]] if slices else 0
 

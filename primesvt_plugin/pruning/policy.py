@@ -151,7 +151,8 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     ``rank_by`` orders the groups the compression visits: ``"memory"`` (the paper: the
     bytes of ``memory``), ``"energy"`` (the estimated energy per image of the layers the
     group's channels touch, SpikingJelly's op_counter on ``energy_inputs``, default
-    ``example_inputs``: give real images, as spikes decide the energy) or ``"both"``
+    ``example_inputs``: give real images, as spikes decide the energy; costs at
+    ``deployment.energy_precision``) or ``"both"``
     (the sum of the group's share of all groups' bytes and of their energy). The target
     stays the memory saving and budgets; the ranking decides where it is taken first.
     """
@@ -253,8 +254,11 @@ class _Search:
         with example_gradients(model, example_inputs) if needs_gradients(importance) else contextlib.nullcontext():
             scores = {g.name: importance(g.importance_group) for g in groups}
         groups = [g for g in groups if scores[g.name] is not None]
-        energy = None if rank_by == "memory" else layer_energy_pj(model, energy_inputs)
+        energy = None if rank_by == "memory" else layer_energy_pj(model, energy_inputs, deployment.energy_precision)
         records = {g.name: _record(g, graph, energy) for g in groups}
+        if energy is not None and groups and not any(r.energy_pj for r in records.values()):
+            raise ArgumentError(f"rank_by={rank_by!r}: op_counter counted no energy in any layer the groups touch, "
+                                "so energy cannot order them; use rank_by='memory' or layers op_counter counts")
         ranking = _ranking(list(records.values()), memory, rank_by)
         groups.sort(key=lambda g: ranking(records[g.name]), reverse=True)
         search = cls(model, example_inputs, graph, groups, scores, records,
