@@ -73,7 +73,7 @@ def summary(rows: list[dict]) -> list[dict]:
     for saving, rank_by in keys:
         mine = [row for row in rows if (row["saving_asked"], row["rank_by"]) == (saving, rank_by)]
         entry = {"saving_asked": saving, "rank_by": rank_by, "seeds": len(mine),
-                 "met": f"{sum(bool(row.get('met', True)) for row in mine)}/{len(mine)}"}
+                 "met": f"{sum(row['met'] for row in mine)}/{len(mine)}" if "met" in mine[0] else "-"}
         for key in ("saving", "test_accuracy", "energy_uj", "macs", "synaptic_ops"):
             values = [row[key] for row in mine]
             entry[key] = statistics.mean(values)

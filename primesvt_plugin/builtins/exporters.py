@@ -1,11 +1,15 @@
-"""Exporters (recipe ``export.formats``): TorchScript, ONNX, INT8 ONNX (QDQ), OpenVINO IR, each verified
-before it is written."""
+"""Exporters (recipe ``export.formats``): TorchScript, ONNX, INT8 ONNX (QDQ), OpenVINO IR, NIR, each verified
+before it is written.
+
+An exporter marked ``time_major = True`` exports models stepped over event frames ``[T, N, ...]`` (NIR holds
+one time step) and is given the test frames as its example; the others take ``[N, ...]`` images."""
 from __future__ import annotations
 
 import torch
 
 from ..deploy.export import (ExportError, Verification, cpu_model, exportable, predict_batches, to_onnx, to_openvino,
                       verification_or_example)
+from ..deploy.nir import to_nir
 from ..deploy.quantization import onnx_int8
 from ..plugins import hookimpl
 
@@ -27,6 +31,15 @@ def to_torchscript(model, example_input, path, verification: Verification | None
     return [target]
 
 
+def to_nir_file(model, example_input, path, verification: Verification | None = None):
+    """A NIR graph (``model.nir``) of a model stepped over time-major frames, read back and stepped through
+    time on ``example_input`` before it is written (needs ``pip install 'primesvt-plugin[nir]'``)."""
+    return to_nir(model, example_input, path.with_suffix(".nir"), verification)
+
+
+to_nir_file.time_major = True
+
+
 @hookimpl
 def primesvt_register(registrar):
     registrar.exporters.add("torchscript", to_torchscript)
@@ -35,5 +48,6 @@ def primesvt_register(registrar):
         model, example_input, path.with_suffix(".onnx"), verification=verification))
     registrar.exporters.add("openvino", lambda model, example_input, path, verification=None: to_openvino(
         model, example_input, path.with_suffix(".xml"), verification=verification))
+    registrar.exporters.add("nir", to_nir_file)
     registrar.exporters.add("onnx_int8", lambda model, example_input, path, calibration, verification=None: onnx_int8(
         model, example_input, path.with_name(path.name + "_int8.onnx"), calibration, verification=verification))

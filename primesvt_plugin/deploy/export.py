@@ -114,11 +114,15 @@ def predict_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     return np.concatenate(outputs, axis=1 if outputs[0].ndim == 3 else 0)
 
 
-def predict_torch(model: nn.Module, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """The PyTorch model's own outputs (SpikingJelly kernels, fresh state per batch) on ``images``."""
+def predict_torch(model: nn.Module, images: np.ndarray, batch_size: int = 128, time_major: bool = False) -> np.ndarray:
+    """The PyTorch model's own outputs (SpikingJelly kernels, fresh state per batch) on ``images``
+    (``time_major``: event frames ``[T, N, ...]``, batched along N)."""
     def run(batch: np.ndarray) -> np.ndarray:
         return fresh_forward(model, to_model_device(model, torch.from_numpy(batch))).cpu().numpy()
 
+    if time_major:
+        return np.concatenate([run(np.ascontiguousarray(images[:, start:start + batch_size]))
+                               for start in range(0, images.shape[1], batch_size)], axis=1)
     return predict_batches(run, images, batch_size)
 
 
@@ -140,12 +144,12 @@ class Verification:
     results: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: nn.Module, images: np.ndarray, **options) -> "Verification":
-        """Verification against ``model``'s outputs on ``images``."""
+    def of(cls, model: nn.Module, images: np.ndarray, time_major: bool = False, **options) -> "Verification":
+        """Verification against ``model``'s outputs on ``images`` (``time_major``: frames ``[T, N, ...]``)."""
         images = np.ascontiguousarray(images, dtype=np.float32)
         # The CPU model is what gets exported: a GPU's arithmetic (TF32 convolutions) would flip spikes
         # and blame the export for it.
-        return cls(images, predict_torch(cpu_model(model), images), **options)
+        return cls(images, predict_torch(cpu_model(model), images, time_major=time_major), **options)
 
     def check(self, what: str, outputs: np.ndarray, precision: str, min_agreement: float | None = None) -> dict:
         """Record how ``outputs`` (the export's, on ``images``) agree; refuse below ``min_agreement``
@@ -154,11 +158,13 @@ class Verification:
         if outputs.shape != self.reference.shape:
             raise ExportError(f"{what} outputs shape {outputs.shape}, the PyTorch model {self.reference.shape}; "
                               "not written")
-        agreement = float((class_scores(outputs).argmax(-1) == class_scores(self.reference).argmax(-1)).mean())
+        decisions = class_scores(self.reference).argmax(-1)
+        agreement = float((class_scores(outputs).argmax(-1) == decisions).mean())
         gap = float(np.abs(outputs - self.reference).max())
-        result = {"agreement": agreement, "samples": len(self.images), "max_logit_gap": gap, "precision": precision}
+        samples = len(decisions)  # not len(images): event frames are [T, N, ...]
+        result = {"agreement": agreement, "samples": samples, "max_logit_gap": gap, "precision": precision}
         if agreement < min_agreement:
-            raise ExportError(f"{what} agrees with the PyTorch model on {agreement:.2%} of {len(self.images)} "
+            raise ExportError(f"{what} agrees with the PyTorch model on {agreement:.2%} of {samples} "
                               f"samples at {precision} (needs {min_agreement:.2%}; largest logit gap "
                               f"{gap:.3g}); not written")
         self.results[what] = result

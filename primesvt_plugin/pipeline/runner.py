@@ -106,6 +106,22 @@ def preflight(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False
         raise RecipeError(f"{where}: finetune: needs a prune section (fine-tuning repairs pruning)")
 
 
+def _check_data_layout(recipe: Recipe, data: Datasets, pm, where: str) -> None:
+    """Quantizers and most exporters check their results on [N, ...] images; an exporter marked ``time_major``
+    (nir) only on time-major event frames [T, N, ...]."""
+    formats = recipe.export.formats if recipe.export else []
+    wrong = [fmt for fmt in formats if getattr(registries(pm).exporters[fmt], "time_major", False) != data.time_major]
+    if data.time_major and (recipe.quantize or wrong):
+        raise RecipeError(f"{where}: {'quantize' if recipe.quantize else 'export.formats'}: dataset "
+                          f"{recipe.data.name!r} gives time-major event frames [T, N, ...]; quantization and "
+                          f"{'export' if recipe.quantize else ', '.join(wrong)} check their results on [N, ...] images "
+                          "only so far: remove them (export.formats: [nir] exports such models)")
+    if wrong:
+        raise RecipeError(f"{where}: export.formats: {', '.join(wrong)} exports models stepped over time-major event "
+                          f"frames [T, N, ...] (NIR holds one time step); dataset {recipe.data.name!r} gives "
+                          "[N, ...] images")
+
+
 @dataclass
 class Probe:
     """The recipe's data and model, checked to run together on one sample."""
@@ -130,10 +146,7 @@ def probe(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) ->
     except ArgumentError as error:
         raise RecipeError(f"{where}: device: {error}") from None
     example = data.example()
-    if data.time_major and (recipe.quantize or recipe.export):
-        raise RecipeError(f"{where}: {'quantize' if recipe.quantize else 'export'}: dataset {recipe.data.name!r} gives "
-                          "time-major event frames [T, N, ...]; quantization and export check their results on "
-                          "[N, ...] images only so far: remove the quantize and export sections")
+    _check_data_layout(recipe, data, pm, where)
     try:
         fresh_forward(model, to_model_device(model, example))
     except Exception as error:
@@ -317,9 +330,12 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
 
     if recipe.export and distributed.is_main():
         e = recipe.export
-        verification = Verification.of(model, data.images("test", e.verify_samples), min_agreement=e.min_agreement,
+        samples = data.images("test", e.verify_samples)
+        verification = Verification.of(model, samples, time_major=data.time_major, min_agreement=e.min_agreement,
                                        precision=e.inference_precision, min_int8_agreement=e.min_int8_agreement)
         exporters = [registries(pm).exporters[fmt] for fmt in e.formats]
+        if data.time_major:  # a per-step export (nir) is traced and verified on the frames themselves
+            example = torch.from_numpy(samples)
         options = {"verification": verification}
         if any("calibration" in accepted(exporter, {"calibration": None}) for exporter in exporters):
             options["calibration"] = _calibration(recipe, data)
