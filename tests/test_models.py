@@ -314,3 +314,18 @@ def test_chance_level_baseline_is_flagged(images, caplog):
     assert "chance level" in caplog.text
     trained = prime(build("spikformer"), images, lambda m: 0.9, memory_saving=0.0, max_accuracy_drop=0.01, progress=False, chance_accuracy=0.1)
     assert trained.report.warnings == [] and trained.report.constraints_met
+
+
+@pytest.mark.parametrize("name, module", [
+    ("spikformer_cifar10", "spikformer"), ("spikformer_ti", "spikformer"), ("spikformer_s", "spikformer"),
+    ("sdt_8_384", "spike_driven_transformer"), ("qkformer_10_384", "qkformer"),
+    ("maxformer_10_384", "maxformer"), ("maxformer_cifar", "maxformer"),
+])
+def test_spikingjellys_published_configurations_are_recipe_models(name, module):
+    """benchmarks/scale.py and recipes name them; each resolves to SpikingJelly's own factory."""
+    import importlib
+
+    from primesvt_plugin.plugins import get_plugin_manager, registries
+
+    factory = registries(get_plugin_manager()).models[name]
+    assert factory is getattr(importlib.import_module(f"spikingjelly.activation_based.model.{module}"), name)
