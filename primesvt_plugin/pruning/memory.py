@@ -67,7 +67,8 @@ FP32 = Deployment()
 INT8 = Deployment("int8", weight_bytes=1, channel_bytes=8, other_bytes=0, activation_bytes=1, energy_precision="int8")
 # NNCF weight compression (``nncf_int4``): matmul-like weights INT4 (half a byte), the other conv weights INT8, per
 # output channel a scale (and for INT8 a zero point) plus the folded batch norm: 9.2 B fitted on the digits Spikformer
-# pruned 0-60% (within 40 B of every file). Weight-only: activations and arithmetic stay FP32.
+# pruned 0-60% (within 40 B of those files, 170 B of PrimeSVT-pruned ones). Weight-only: activations and arithmetic
+# stay FP32.
 INT4 = Deployment("int4", weight_bytes=1, channel_bytes=9.2, other_bytes=0, activation_bytes=4, matmul_weight_bytes=0.5,
                   weight_precision="int8", matmul_precision="int4")
 
