@@ -155,7 +155,8 @@ def test_a_recipe_on_event_frames_exports_the_pruned_snn_to_nir(tmp_path):
 
 @pytest.mark.parametrize("formats, data, message", [
     ("nir", "digits", "export.formats: nir exports models stepped over time-major event frames"),
-    ("onnx, nir", "events", "export.formats: dataset 'dvs_frames' gives time-major event frames .*onnx check"),
+    ("onnx, nir", "events", "export.formats: dataset 'dvs_frames' gives time-major event frames .*, and onnx export "
+                            "and check .*: remove them"),
 ])
 def test_an_exporter_given_the_wrong_data_layout_is_refused_before_training(formats, data, message, tmp_path, capsys):
     from primesvt_plugin.pipeline.cli import main

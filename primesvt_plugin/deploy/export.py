@@ -142,6 +142,7 @@ class Verification:
     precision: str = "f32"
     min_int8_agreement: float = DEFAULT_MIN_INT8_AGREEMENT  # for exports quantized on the way
     results: dict[str, dict] = field(default_factory=dict)
+    time_major: bool = False  # images are event frames [T, N, ...] (what exporters marked time_major get)
 
     @classmethod
     def of(cls, model: nn.Module, images: np.ndarray, time_major: bool = False, **options) -> "Verification":
@@ -149,7 +150,8 @@ class Verification:
         images = np.ascontiguousarray(images, dtype=np.float32)
         # The CPU model is what gets exported: a GPU's arithmetic (TF32 convolutions) would flip spikes
         # and blame the export for it.
-        return cls(images, predict_torch(cpu_model(model), images, time_major=time_major), **options)
+        return cls(images, predict_torch(cpu_model(model), images, time_major=time_major), time_major=time_major,
+                   **options)
 
     def check(self, what: str, outputs: np.ndarray, precision: str, min_agreement: float | None = None) -> dict:
         """Record how ``outputs`` (the export's, on ``images``) agree; refuse below ``min_agreement``
@@ -161,7 +163,7 @@ class Verification:
         decisions = class_scores(self.reference).argmax(-1)
         agreement = float((class_scores(outputs).argmax(-1) == decisions).mean())
         gap = float(np.abs(outputs - self.reference).max())
-        samples = len(decisions)  # not len(images): event frames are [T, N, ...]
+        samples = int(np.size(decisions))  # not len(images): event frames are [T, N, ...]
         result = {"agreement": agreement, "samples": samples, "max_logit_gap": gap, "precision": precision}
         if agreement < min_agreement:
             raise ExportError(f"{what} agrees with the PyTorch model on {agreement:.2%} of {samples} "

@@ -20,10 +20,11 @@ import torch.nn as nn
 
 from ..errors import ExportError, first_line
 from ..plugins import get_plugin_manager
-from ..pruning.spiking import fresh_forward, has_time_axis, inference
-from .export import DEFAULT_MIN_AGREEMENT, Verification, cpu_model
+from ..pruning.spiking import has_time_axis, inference
+from .export import DEFAULT_MIN_AGREEMENT, Verification, cpu_model, predict_torch
 
 NIR_DT = 1e-4  # seconds per time step written into the graph's neuron parameters (SpikingJelly's default)
+VERIFY_CHUNK = 64  # samples stepped through the graph at a time (event frames are large)
 
 
 def _nir_exchange():
@@ -57,8 +58,9 @@ def to_nir(model: nn.Module, example_input: torch.Tensor, path: Path, verificati
            dt: float = NIR_DT, pm=None) -> list[Path]:
     """Write ``path`` (.nir, HDF5) for a model stepped over a time-major ``example_input`` ``[T, N, ...]``.
 
-    Verified by decisions on ``example_input`` (the recipes' verification images are ``[N, ...]``
-    and cannot drive a per-step graph); ``verification`` only lends its agreement bar.
+    Traced on one sample; verified by decisions on ``verification``'s frames when it holds time-major
+    frames (a recipe's test frames), else on ``example_input`` (with ``verification``'s agreement bar
+    when one is given), ``VERIFY_CHUNK`` samples at a time.
     """
     nir, nir_exchange = _nir_exchange()
     model, example_input = cpu_model(model), example_input.cpu()
@@ -72,18 +74,22 @@ def to_nir(model: nn.Module, example_input: torch.Tensor, path: Path, verificati
         raise ExportError(f"NIR holds the network of one time step, and {name} takes {tuple(example_input.shape)} "
                           "inputs it repeats over time itself; a NIR export needs a model stepped over a time-major "
                           "[T, N, ...] input (every SpikingJelly layer in step_mode 'm', no T attribute)")
-    reference = fresh_forward(model, example_input).numpy()
+    if verification is not None and verification.time_major:
+        check = verification
+    else:
+        frames = example_input.numpy()
+        check = Verification(frames, predict_torch(model, frames, VERIFY_CHUNK, time_major=True),
+                             verification.min_agreement if verification else DEFAULT_MIN_AGREEMENT, time_major=True)
     try:
         with inference(model):  # eval mode and fresh state, restored afterwards
-            graph = nir_exchange.export_to_nir(model, example_input, dt=dt)
-        outputs = run_nir_graph(graph, example_input)
+            graph = nir_exchange.export_to_nir(model, example_input[:, :1], dt=dt)
+        outputs = np.concatenate([run_nir_graph(graph, torch.from_numpy(check.images[:, start:start + VERIFY_CHUNK]))
+                                  for start in range(0, check.images.shape[1], VERIFY_CHUNK)], axis=1)
     except Exception as error:
         raise ExportError(f"NIR cannot represent {name}: {first_line(error)} (NIR graphs hold convolution, linear, "
                           "pooling and neuron nodes)") from error
-    bar = verification.min_agreement if verification else DEFAULT_MIN_AGREEMENT
-    check = Verification(example_input.numpy(), reference, bar)
     check.check("NIR export", outputs, "f32")
-    if verification is not None:
+    if verification is not None and check is not verification:
         verification.results.update(check.results)
     nir.write(str(path), graph)
     return [path]

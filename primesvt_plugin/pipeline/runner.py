@@ -111,15 +111,18 @@ def _check_data_layout(recipe: Recipe, data: Datasets, pm, where: str) -> None:
     (nir) only on time-major event frames [T, N, ...]."""
     formats = recipe.export.formats if recipe.export else []
     wrong = [fmt for fmt in formats if getattr(registries(pm).exporters[fmt], "time_major", False) != data.time_major]
-    if data.time_major and (recipe.quantize or wrong):
-        raise RecipeError(f"{where}: {'quantize' if recipe.quantize else 'export.formats'}: dataset "
-                          f"{recipe.data.name!r} gives time-major event frames [T, N, ...]; quantization and "
-                          f"{'export' if recipe.quantize else ', '.join(wrong)} check their results on [N, ...] images "
-                          "only so far: remove them (export.formats: [nir] exports such models)")
+    frames = f"dataset {recipe.data.name!r} gives time-major event frames [T, N, ...]"
+    if data.time_major and recipe.quantize:
+        raise RecipeError(f"{where}: quantize: {frames}; quantization calibrates and checks on [N, ...] images "
+                          "only so far: remove the quantize section")
+    if data.time_major and wrong:
+        raise RecipeError(f"{where}: export.formats: {frames}, and {', '.join(wrong)} export and check [N, ...] "
+                          "image models: remove them (nir exports models stepped over event frames)")
     if wrong:
         raise RecipeError(f"{where}: export.formats: {', '.join(wrong)} exports models stepped over time-major event "
-                          f"frames [T, N, ...] (NIR holds one time step); dataset {recipe.data.name!r} gives "
-                          "[N, ...] images")
+                          f"frames [T, N, ...] (NIR holds one time step), and dataset {recipe.data.name!r} gives "
+                          "[N, ...] images: remove it (onnx, openvino, torchscript export image models) or use "
+                          "event-frame data such as dvs_frames")
 
 
 @dataclass
