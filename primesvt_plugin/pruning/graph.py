@@ -23,7 +23,7 @@ from ..plugins import get_plugin_manager
 from .accounting import attention_ops, ops_of_tp_group
 from .attention import INNER, WIDTH, AttentionLayout
 from .channels import ChannelOp, tp_pruning_fn
-from .memory import state_bytes
+from .memory import state_and_outputs
 from .spiking import stateful_modules, to_model_device
 from .tracing import trace_forward_fn
 
@@ -133,7 +133,8 @@ class SpikingGraph:
         self._check_parameters_are_handled(inside_attention)
         self.output_layers = self._output_layers()
         self.ignored_layers = list(ignored_layers)
-        self.state_bytes = state_bytes(model, example_inputs)
+        # one pass of one sample: each neuron's state, and each layer's output (what RAM predictions need)
+        self.state_bytes, self.layer_outputs = state_and_outputs(model, example_inputs)
         self._inner_channel_ops: dict[int, tuple] = {}
 
     def inner_channel_ops(self, group: tp.dependency.Group) -> Callable[[Sequence[int]], list[ChannelOp]] | None:

@@ -164,8 +164,8 @@ def flash_bytes(model: nn.Module, deployment: Deployment) -> int:
     return _flash([(t, None) for t in _float_tensors(model)], quantized_weights(model, deployment), deployment)
 
 
-def _one_sample_pass(model: nn.Module, example_inputs: torch.Tensor,
-                     record_outputs: bool) -> tuple[dict[nn.Module, int], dict[nn.Module, int]]:
+def state_and_outputs(model: nn.Module, example_inputs: torch.Tensor,
+                      record_outputs: bool = True) -> tuple[dict[nn.Module, int], dict[nn.Module, int]]:
     """One forward pass of one sample: the state bytes of each stateful module and (``record_outputs``)
     the entries of each layer's output, all time steps, in the order the layers first run.
 
@@ -197,18 +197,23 @@ def _one_sample_pass(model: nn.Module, example_inputs: torch.Tensor,
 
 def layer_outputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Entries of each layer's output for one sample (all time steps), in the order the layers first run."""
-    return _one_sample_pass(model, example_inputs, record_outputs=True)[1]
+    return state_and_outputs(model, example_inputs, record_outputs=True)[1]
 
 
 def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Bytes of state each stateful module holds after a forward pass of one sample."""
-    return _one_sample_pass(model, example_inputs, record_outputs=False)[0]
+    return state_and_outputs(model, example_inputs, record_outputs=False)[0]
 
 
 def footprint(model: nn.Module, example_inputs: torch.Tensor, deployment: Deployment = FP32) -> Footprint:
     """Measure parameter, buffer and per-sample neuron-state bytes of ``model``, and its flash and RAM
     bytes under ``deployment``."""
-    states, outputs = _one_sample_pass(model, example_inputs, record_outputs=True)
+    return footprint_of(model, *state_and_outputs(model, example_inputs), deployment)
+
+
+def footprint_of(model: nn.Module, states: dict[nn.Module, int], outputs: dict[nn.Module, int],
+                 deployment: Deployment = FP32) -> Footprint:
+    """``footprint`` from a one-sample pass already made (``state_and_outputs``)."""
     state = sum(states.values())
     tensors = [(t, None) for t in _float_tensors(model)]
     return Footprint(

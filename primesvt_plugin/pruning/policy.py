@@ -38,7 +38,7 @@ from .accounting import ops_bytes, ops_energy
 from .energy import layer_energy_pj
 from .graph import PruningGroup, SpikingGraph
 from .importance import example_gradients, needs_gradients
-from .memory import FP32, SAVING_MEASURES, Deployment, Footprint, LedgerState, footprint, layer_outputs
+from .memory import FP32, SAVING_MEASURES, Deployment, Footprint, LedgerState, footprint, footprint_of
 from .pruner import apply_plan
 from .search import OBJECTIVES, SEARCHES, PlanSearch
 from .records import Constraints, GroupRecord, Measured, PrimeReport, PrimeResult, Pruned, Scored, Trial
@@ -261,8 +261,9 @@ class _Search:
                                 "so energy cannot order them; use rank_by='memory' or layers op_counter counts")
         ranking = _ranking(list(records.values()), memory, rank_by)
         groups.sort(key=lambda g: ranking(records[g.name]), reverse=True)
-        search = cls(model, example_inputs, graph, groups, scores, records,
-                     footprint(model, example_inputs, deployment), memory, deployment, _Evaluator(evaluate, model))
+        before = footprint_of(model, graph.state_bytes, graph.layer_outputs, deployment)  # the graph's own pass
+        search = cls(model, example_inputs, graph, groups, scores, records, before, memory, deployment,
+                     _Evaluator(evaluate, model))
         search.timings["trace_and_rank"] = time.perf_counter() - clock
         clock = time.perf_counter()
         search.baseline = search.evaluate()
@@ -280,8 +281,7 @@ class _Search:
             progress: bool) -> tuple[dict[str, list[int]], Footprint]:
         """Find the plan (``search.py``); returns it and its predicted footprint."""
         clock = time.perf_counter()
-        ledger = LedgerState(self.model, self.graph.state_bytes, layer_outputs(self.model, self.example_inputs),
-                             self.deployment)
+        ledger = LedgerState(self.model, self.graph.state_bytes, self.graph.layer_outputs, self.deployment)
         plan_search = PlanSearch(
             self.groups, self.records, lambda group, count: group.select(self.scores[group.name], count),
             self.evaluate, constraints.accuracy_floor, ledger, self.before, self.memory,
