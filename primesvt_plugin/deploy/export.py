@@ -114,16 +114,20 @@ def predict_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     return np.concatenate(outputs, axis=1 if outputs[0].ndim == 3 else 0)
 
 
+def predict_frame_batches(run: Callable[[np.ndarray], np.ndarray], frames: np.ndarray, batch_size: int) -> np.ndarray:
+    """``run`` over time-major event ``frames`` ``[T, N, ...]`` in batches of ``batch_size`` samples, outputs
+    ``[T, N, ...]`` joined along N."""
+    return np.concatenate([run(np.ascontiguousarray(frames[:, start:start + batch_size]))
+                           for start in range(0, frames.shape[1], batch_size)], axis=1)
+
+
 def predict_torch(model: nn.Module, images: np.ndarray, batch_size: int = 128, time_major: bool = False) -> np.ndarray:
     """The PyTorch model's own outputs (SpikingJelly kernels, fresh state per batch) on ``images``
     (``time_major``: event frames ``[T, N, ...]``, batched along N)."""
     def run(batch: np.ndarray) -> np.ndarray:
         return fresh_forward(model, to_model_device(model, torch.from_numpy(batch))).cpu().numpy()
 
-    if time_major:
-        return np.concatenate([run(np.ascontiguousarray(images[:, start:start + batch_size]))
-                               for start in range(0, images.shape[1], batch_size)], axis=1)
-    return predict_batches(run, images, batch_size)
+    return (predict_frame_batches if time_major else predict_batches)(run, images, batch_size)
 
 
 @dataclass

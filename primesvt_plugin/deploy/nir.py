@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..errors import ExportError, first_line
 from ..plugins import get_plugin_manager
 from ..pruning.spiking import has_time_axis, inference
-from .export import DEFAULT_MIN_AGREEMENT, Verification, cpu_model, predict_torch
+from .export import DEFAULT_MIN_AGREEMENT, Verification, cpu_model, predict_frame_batches, predict_torch
 
 NIR_DT = 1e-4  # seconds per time step written into the graph's neuron parameters (SpikingJelly's default)
 VERIFY_CHUNK = 64  # samples stepped through the graph at a time (event frames are large)
@@ -83,8 +83,8 @@ def to_nir(model: nn.Module, example_input: torch.Tensor, path: Path, verificati
     try:
         with inference(model):  # eval mode and fresh state, restored afterwards
             graph = nir_exchange.export_to_nir(model, example_input[:, :1], dt=dt)
-        outputs = np.concatenate([run_nir_graph(graph, torch.from_numpy(check.images[:, start:start + VERIFY_CHUNK]))
-                                  for start in range(0, check.images.shape[1], VERIFY_CHUNK)], axis=1)
+        outputs = predict_frame_batches(lambda batch: run_nir_graph(graph, torch.from_numpy(batch)), check.images,
+                                        VERIFY_CHUNK)
     except Exception as error:
         raise ExportError(f"NIR cannot represent {name}: {first_line(error)} (NIR graphs hold convolution, linear, "
                           "pooling and neuron nodes)") from error

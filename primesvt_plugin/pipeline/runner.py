@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import inspect
 import io
 import json
@@ -259,7 +260,13 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
                                      t.epochs, t.lr, t.weight_decay, seed=recipe.seed, progress=progress,
                                      schedule=t.schedule, warmup_epochs=t.warmup_epochs, amp=t.amp)
     model.eval()
-    deployment = _deployment(recipe, model, example, data, pm, progress, report)
+    # the calibration images are read once a run, when a quantizer or an exporter first needs them;
+    # each user gets its own list
+    calibration_images = functools.cache(functools.partial(_calibration, recipe, data))
+
+    def calibration() -> list[np.ndarray]:
+        return list(calibration_images())
+    deployment = _deployment(recipe, model, example, calibration, pm, progress, report)
     shapes_before = layer_shapes(model)
     baseline = footprint(model, example, deployment)
     baseline_test = accuracy(model, test)
@@ -311,7 +318,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
 
     if recipe.quantize and distributed.is_main():  # the other ranks' work ends with the pruned model
         q = recipe.quantize
-        artifact = _quantize(recipe, model, example, data, pm, progress)
+        artifact = _quantize(recipe, model, example, calibration(), pm, progress)
         files = artifact.save(stage / f"model_{deployment.name}")  # model_int8, model_int4
         weight_bytes = artifact.weight_bytes(files)
         quantized_test = _predict_accuracy(artifact, data.loader("test", recipe.data.batch_size))
@@ -341,7 +348,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
             example = torch.from_numpy(samples)
         options = {"verification": verification}
         if any("calibration" in accepted(exporter, {"calibration": None}) for exporter in exporters):
-            options["calibration"] = _calibration(recipe, data)
+            options["calibration"] = calibration()
         exported = []
         for exporter in exporters:
             with _quiet(not progress):  # NNCF draws progress bars for onnx_int8
@@ -368,13 +375,14 @@ def _quiet(quiet: bool):
         nncf_log.setLevel(level)
 
 
-def _quantize(recipe: Recipe, model: nn.Module, example: torch.Tensor, data: Datasets, pm, progress: bool):
-    """The recipe's quantizer on ``model``, calibrated on training images (as they are: no augmentation)."""
+def _quantize(recipe: Recipe, model: nn.Module, example: torch.Tensor, calibration: list[np.ndarray], pm,
+              progress: bool):
+    """The recipe's quantizer on ``model``, calibrated on ``calibration`` (``_calibration``)."""
     q = recipe.quantize
     quantizer = registries(pm).quantizers[q.method]
     precision = recipe.export.inference_precision if recipe.export else "f32"
     with _quiet(not progress):
-        return quantizer(model, example, _calibration(recipe, data), subset_size=q.calibration_size, **q.args,
+        return quantizer(model, example, calibration, subset_size=q.calibration_size, **q.args,
                          **accepted(quantizer, {"inference_precision": precision}))
 
 
@@ -384,8 +392,8 @@ def _calibration(recipe: Recipe, data: Datasets) -> list[np.ndarray]:
     return [images[i:i + 1] for i in range(len(images))]
 
 
-def _deployment(recipe: Recipe, model: nn.Module, example: torch.Tensor, data: Datasets, pm, progress: bool,
-                report: dict) -> Deployment:
+def _deployment(recipe: Recipe, model: nn.Module, example: torch.Tensor, calibration: Callable[[], list[np.ndarray]],
+                pm, progress: bool, report: dict) -> Deployment:
     """The precision flash and RAM are counted at: the recipe's quantizer's (``quantizer.deployment``, INT8
     when it says none), else FP32.
 
@@ -397,7 +405,7 @@ def _deployment(recipe: Recipe, model: nn.Module, example: torch.Tensor, data: D
     report["deployment"] = {"precision": deployment.name}
     if recipe.quantize and recipe.prune and recipe.prune.flash_budget is not None:
         with tempfile.TemporaryDirectory() as folder:
-            artifact = _quantize(recipe, model, example, data, pm, progress)
+            artifact = _quantize(recipe, model, example, calibration(), pm, progress)
             measured = artifact.weight_bytes(artifact.save(Path(folder) / "unpruned"))
         predicted = flash_bytes(model, deployment)
         # the search keeps a margin below the budget for what the formula cannot see (OpenVINO stores equal
