@@ -1,15 +1,19 @@
 """How PrimeSVT scales: full-size SpikingJelly SViTs and Spikformer at growing depth.
 
-    python benchmarks/scale.py [--models NAME ...] [--batches 1 32] [--out benchmarks/results]
+    python benchmarks/scale.py [--models NAME ...] [--batches 1 32] [--round-to 1] [--repeats 3]
+                               [--out benchmarks/results] [--tag NAME]
 
 For each model (random weights, seed 0; no data needed): parameters and pruning groups;
 SpikingGraph build time; one-shot pruning at ratio 0.3 by our SpikingPruner next to
-Torch-Pruning's MetaPruner with our kwargs (same ratio, L2); ``prime()`` at the paper's
-26.68% parameter saving with ``evaluate`` = top-1 agreement with the unpruned model on 4
-random inputs (30-point budget): evaluations and search time; OpenVINO FP32 and NNCF INT8
+Torch-Pruning's MetaPruner with our kwargs (same ratio, L2), each timed from construction
+to the end of its step on a fresh copy, median of ``--repeats`` runs taken in turns;
+``prime()`` at the paper's 26.68% parameter saving (kept widths multiples of
+``--round-to``) with ``evaluate`` = top-1 agreement with the unpruned model on 4 random
+inputs (30-point budget): evaluations and search time; OpenVINO FP32 and NNCF INT8
 latency (median of 10 runs, f32 precision hint) of the unpruned and the prime()-pruned
-model at each batch size. Writes scale.json and docs/benchmarks_scale.png; the table goes
-into docs/benchmarks.md by hand, with the CPU flags printed here.
+model at each batch size. Writes scale.json (scale_TAG.json with --tag) and
+docs/benchmarks_scale.png (only from depth rows); the table goes into docs/benchmarks.md
+by hand, with the CPU flags printed here.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -57,6 +62,16 @@ def timed(call):
     return result, time.perf_counter() - clock
 
 
+def step_seconds(model, prunes: dict, repeats: int) -> dict:
+    """Median seconds of each ``prunes[name](copy)`` on fresh copies of ``model``, the names taking turns."""
+    times = {name: [] for name in prunes}
+    for _ in range(repeats):
+        for name, prune in prunes.items():
+            fresh = copy.deepcopy(model)
+            times[name].append(timed(lambda: prune(fresh))[1])
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def latencies(model, shape, batches, calibration) -> dict:
     out = {}
     for batch in batches:
@@ -69,7 +84,7 @@ def latencies(model, shape, batches, calibration) -> dict:
     return out
 
 
-def row(name: str, batches) -> dict:
+def row(name: str, batches, round_to: int, repeats: int) -> dict:
     builder, args, shape = MODELS[name]
     torch.manual_seed(0)
     model = build_model(builder, args).eval()
@@ -77,23 +92,24 @@ def row(name: str, batches) -> dict:
     graph, graph_s = timed(lambda: SpikingGraph(model, x))
     result = {"model": name, "params": params(model), "groups": len(graph.groups()), "graph_s": round(graph_s, 2)}
 
-    ours = copy.deepcopy(model)
-    _, result["spikingpruner_s"] = timed(lambda: SpikingPruner(ours, x, pruning_ratio=0.3).step())
-    theirs = copy.deepcopy(model)
-    _, result["metapruner_s"] = timed(lambda: tp.pruner.MetaPruner(
-        theirs, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.3,
-        **spiking_pruner_kwargs(theirs, x)).step())
+    steps = step_seconds(model, {
+        "spikingpruner_s": lambda ours: SpikingPruner(ours, x, pruning_ratio=0.3).step(),
+        "metapruner_s": lambda theirs: tp.pruner.MetaPruner(
+            theirs, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.3,
+            **spiking_pruner_kwargs(theirs, x)).step(),
+    }, repeats)
+    result.update(steps, step_repeats=repeats)
     result["spikingpruner_over_metapruner"] = round(result["spikingpruner_s"] / result["metapruner_s"], 2)
 
     inputs = torch.rand(4, *shape)
     reference = class_scores(fresh_forward(model, inputs)).argmax(-1)
     report_result, prime_s = timed(lambda: prime(
         model, x, lambda m: float((class_scores(m(inputs)).argmax(-1) == reference).float().mean()),
-        memory_saving=0.2668, max_accuracy_drop=0.3, progress=False))
+        memory_saving=0.2668, max_accuracy_drop=0.3, round_to=round_to, progress=False))
     report = report_result.report
     result.update({"prime_evaluations": report.evaluations, "prime_search_s": report.timings_s["search"],
                    "prime_s": round(prime_s, 1), "prime_saving": round(report.pruned.parameter_saving, 4),
-                   "pruned_params": params(report_result.model)})
+                   "pruned_params": params(report_result.model), "round_to": round_to})
     calibration = [torch.rand(1, *shape) for _ in range(4)]
     result["unpruned"] = latencies(model, shape, batches, calibration)
     result["pruned"] = latencies(report_result.model, shape, batches, calibration)
@@ -129,18 +145,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--round-to", type=int, default=1, help="prime()'s round_to: kept widths are multiples of it")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each pruner step (the median is reported)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tag", help="name of the result files (scale_TAG.json, benchmarks_scale_TAG.png)")
     args = parser.parse_args()
     machine = {"cpu": cpu_description(), "processor": platform.processor(), "torch": torch.__version__,
                "threads": torch.get_num_threads()}
     print(json.dumps(machine), flush=True)
     rows = []
     for name in args.models:
-        rows.append(row(name, args.batches))
+        rows.append(row(name, args.batches, args.round_to, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    plot(rows, Path("docs/benchmarks_scale.png"))
+    suffix = f"_{args.tag}" if args.tag else ""  # a tagged run never overwrites the depth sweep's files
+    (args.out / f"scale{suffix}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    plot(rows, Path(f"docs/benchmarks_scale{suffix}.png"))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def load_pruned(path: str | Path, pm: pluggy.PluginManager | None = None, trust_
     if unknown:
         raise CheckpointError(f"{path}: plan names groups the rebuilt model lacks: {sorted(unknown)} "
                               "(was the builder or a plugin changed?)")
-    apply_plan(model, example, groups, payload["plan"])
+    apply_plan(model, graph.sample_inputs, groups, payload["plan"], graph.output_shape)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:

@@ -22,6 +22,7 @@ from primesvt_plugin.builtins.attention import _spike_driven_self_attention, _sp
 from primesvt_plugin.pipeline.data import DataError, npz_splits
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
 from primesvt_plugin.pruning.policy import prime
+from primesvt_plugin.pruning.spiking import one_sample
 from primesvt_plugin.pipeline.recipe import RecipeError, load_recipe
 from primesvt_plugin.plugins import build_model
 from primesvt_plugin.errors import UntrustedCodeError
@@ -44,6 +45,19 @@ def test_failure_mid_pruning_restores_the_model(images):
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in before_state.items()}
     assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
     assert torch.equal(run(model, images), before_out)
+
+
+def test_spiking_pruner_checks_the_pruned_model_in_one_pass_of_one_sample(images):
+    """The graph's own one-sample pass gives the expected output shape: step() runs the model only to check it."""
+    model = build("spikformer")
+    pruner = SpikingPruner(model, images, pruning_ratio=0.5)
+    assert pruner.graph.output_shape == run(model, one_sample(model, images)).shape
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape))
+    pruner.step()
+    hook.remove()
+    assert seen == [one_sample(model, images).shape]
+    assert run(model, images).shape == run(build("spikformer"), images).shape
 
 
 def layout_plugin(attention_class, make_layout, spoil):

@@ -24,7 +24,7 @@ from .accounting import attention_ops, ops_of_tp_group
 from .attention import INNER, WIDTH, AttentionLayout
 from .channels import ChannelOp, tp_pruning_fn
 from .memory import state_and_outputs
-from .spiking import stateful_modules, to_model_device
+from .spiking import one_sample, stateful_modules, to_model_device
 from .tracing import trace_forward_fn
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -133,8 +133,11 @@ class SpikingGraph:
         self._check_parameters_are_handled(inside_attention)
         self.output_layers = self._output_layers()
         self.ignored_layers = list(ignored_layers)
-        # one pass of one sample: each neuron's state, and each layer's output (what RAM predictions need)
-        self.state_bytes, self.layer_outputs = state_and_outputs(model, example_inputs)
+        # one pass of one sample: each neuron's state, each layer's output (what RAM predictions need), and
+        # the model's output shape, against which apply_plan checks the pruned model on the same sample
+        self.sample_inputs = one_sample(model, example_inputs)
+        sample = state_and_outputs(model, self.sample_inputs)
+        self.state_bytes, self.layer_outputs, self.output_shape = sample
         self._inner_channel_ops: dict[int, tuple] = {}
 
     def inner_channel_ops(self, group: tp.dependency.Group) -> Callable[[Sequence[int]], list[ChannelOp]] | None:

@@ -22,7 +22,7 @@ A device has two memories, and a ``Deployment`` says how the model sits in them:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -164,10 +164,17 @@ def flash_bytes(model: nn.Module, deployment: Deployment) -> int:
     return _flash([(t, None) for t in _float_tensors(model)], quantized_weights(model, deployment), deployment)
 
 
-def state_and_outputs(model: nn.Module, example_inputs: torch.Tensor,
-                      record_outputs: bool = True) -> tuple[dict[nn.Module, int], dict[nn.Module, int]]:
-    """One forward pass of one sample: the state bytes of each stateful module and (``record_outputs``)
-    the entries of each layer's output, all time steps, in the order the layers first run.
+class SamplePass(NamedTuple):
+    """What one forward pass of one sample measured (``state_and_outputs``)."""
+
+    state_bytes: dict[nn.Module, int]  # stateful module -> bytes of its state
+    layer_outputs: dict[nn.Module, int]  # layer -> entries of its output, all time steps, in running order
+    output_shape: torch.Size | None  # the model's output shape (None when the output is not one tensor)
+
+
+def state_and_outputs(model: nn.Module, example_inputs: torch.Tensor, record_outputs: bool = True) -> SamplePass:
+    """One forward pass of one sample: the state bytes of each stateful module, (``record_outputs``)
+    the entries of each layer's output, and the shape of the model's output.
 
     Layers: the leaf modules and the spiking neurons (whose inner modules are the neuron's business).
     """
@@ -186,29 +193,30 @@ def state_and_outputs(model: nn.Module, example_inputs: torch.Tensor,
                  if m not in inner and (m in stateful or not any(m.children()))]
     try:
         with inference(model):
-            model(one_sample(model, to_model_device(model, example_inputs)))
+            output = model(one_sample(model, to_model_device(model, example_inputs)))
             states = {m: _tensor_bytes(v for v in m._memories.values() if isinstance(v, torch.Tensor))
                       for m in stateful}
     finally:
         for hook in hooks:
             hook.remove()
-    return states, outputs
+    return SamplePass(states, outputs, output.shape if isinstance(output, torch.Tensor) else None)
 
 
 def layer_outputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Entries of each layer's output for one sample (all time steps), in the order the layers first run."""
-    return state_and_outputs(model, example_inputs, record_outputs=True)[1]
+    return state_and_outputs(model, example_inputs).layer_outputs
 
 
 def state_bytes(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
     """Bytes of state each stateful module holds after a forward pass of one sample."""
-    return state_and_outputs(model, example_inputs, record_outputs=False)[0]
+    return state_and_outputs(model, example_inputs, record_outputs=False).state_bytes
 
 
 def footprint(model: nn.Module, example_inputs: torch.Tensor, deployment: Deployment = FP32) -> Footprint:
     """Measure parameter, buffer and per-sample neuron-state bytes of ``model``, and its flash and RAM
     bytes under ``deployment``."""
-    return footprint_of(model, *state_and_outputs(model, example_inputs), deployment)
+    sample = state_and_outputs(model, example_inputs)
+    return footprint_of(model, sample.state_bytes, sample.layer_outputs, deployment)
 
 
 def footprint_of(model: nn.Module, states: dict[nn.Module, int], outputs: dict[nn.Module, int],

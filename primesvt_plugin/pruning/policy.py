@@ -294,7 +294,7 @@ class _Search:
     def apply(self, plan: dict[str, list[int]], finetune) -> _Outcome:
         """Prune the plan structurally, evaluate, and fine-tune if asked."""
         clock = time.perf_counter()
-        apply_plan(self.model, self.example_inputs, self.groups, plan)
+        apply_plan(self.model, self.graph.sample_inputs, self.groups, plan, self.graph.output_shape)
         after = footprint(self.model, self.example_inputs, self.deployment)
         self.timings["prune"] = time.perf_counter() - clock
         pruned_accuracy = self.evaluate() if plan else self.baseline  # an empty plan leaves the model as it was

@@ -142,7 +142,7 @@ class SpikingPruner:
 
     def step(self) -> dict[str, list[int]]:
         """Prune in place; returns the removed channels per group."""
-        return apply_plan(self.model, self.example_inputs, self.groups, self.plan())
+        return apply_plan(self.model, self.graph.sample_inputs, self.groups, self.plan(), self.graph.output_shape)
 
 
 def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
@@ -159,15 +159,19 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
         check_runs(model, example_inputs, expected, "a Torch-Pruning step")
 
 
-def apply_plan(model: nn.Module, example_inputs, groups: list[PruningGroup], plan: dict[str, list[int]]) -> dict:
+def apply_plan(model: nn.Module, example_inputs, groups: list[PruningGroup], plan: dict[str, list[int]],
+               expected_shape: torch.Size | None = None) -> dict:
     """Remove ``plan[name]`` channels from each named group and check the model runs; restore on failure.
 
     One check after the whole plan (a forward pass per group cost 9x Torch-Pruning's own
     step on spikformer_cifar10); when it fails, the plan is replayed group by group on the
-    restored model, so the error names the group that breaks it.
+    restored model, so the error names the group that breaks it. ``expected_shape`` is the
+    model's output shape on ``example_inputs`` when the caller knows it (a ``SpikingGraph``
+    records it for one sample: ``graph.sample_inputs``, ``graph.output_shape``); without it
+    the unpruned model is run once more to learn it.
     """
     example_inputs = to_model_device(model, example_inputs)
-    expected = fresh_forward(model, example_inputs).shape
+    expected = fresh_forward(model, example_inputs).shape if expected_shape is None else expected_shape
     chosen = [(group, plan[group.name]) for group in groups if plan.get(group.name)]
     try:
         with structural_change(model):
