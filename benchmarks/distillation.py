@@ -1,12 +1,13 @@
 """Fine-tuning after pruning, with and without knowledge distillation from the unpruned model, on digits.
 
-    python benchmarks/distillation.py [--seeds 0 1 2] [--saving 0.5] [--max-drop 0.3] [--out FILE]
+    python benchmarks/distillation.py [--seeds 0 1 2] [--saving 0.5] [--max-drop 0.3]
+                                      [--finetune-epochs N] [--finetune-lr LR] [--out FILE]
 
 Per seed: trains the default recipe's Spikformer (``spikformer_digits``: its model,
 data and ``train`` settings, 15 epochs), prunes it with ``prime()`` at a 50%
 parameter-memory saving (a budget loose enough to reach it, so there is accuracy to
 recover), then fine-tunes two copies of the pruned model for the recipe's 2 epochs
-(lr 0.001, cosine, same data order): cross-entropy only, and cross-entropy +
+(lr 0.001, cosine, same data order; ``--finetune-epochs``/``--finetune-lr`` change both arms): cross-entropy only, and cross-entropy +
 distillation from the frozen unpruned model (``finetune.distill: {weight: 0.5,
 temperature: 4.0}``). Reports test accuracy (and top-1 agreement with the unpruned
 model) per seed and as mean / standard deviation over seeds; writes every row and
@@ -112,12 +113,16 @@ def main() -> None:
                         help="prime()'s max_accuracy_drop: loose, so that the saving is reached")
     parser.add_argument("--weight", type=float, default=0.5, help="finetune.distill.weight")
     parser.add_argument("--temperature", type=float, default=4.0, help="finetune.distill.temperature")
+    parser.add_argument("--finetune-epochs", type=int, help="fine-tune epochs of both arms (default: the recipe's)")
+    parser.add_argument("--finetune-lr", type=float, help="fine-tune learning rate of both arms (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: these small models run fastest on one core of a shared machine)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/distillation.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = load_recipe(find_recipe("spikformer_digits"))
+    changes = {"epochs": args.finetune_epochs, "lr": args.finetune_lr}
+    recipe.finetune = recipe.finetune.model_copy(update={k: v for k, v in changes.items() if v is not None})
     rows = []
     for seed in args.seeds:
         rows.append(one_seed(recipe, seed, args.saving, args.max_drop, args.weight, args.temperature))
@@ -125,7 +130,7 @@ def main() -> None:
         print(f"seed {seed}: unpruned {row['unpruned_test']:.4f}, pruned {row['pruned_test']:.4f} "
               f"({row['memory_saving']:.2%} saved), "
               + ", ".join(f"{arm} {row[arm]['test']:.4f}" for arm in ARMS) + f" ({row['seconds']:.0f} s)", flush=True)
-    result = {"saving": args.saving, "max_accuracy_drop": args.max_drop, "epochs": recipe.finetune.epochs,
+    result = {"saving": args.saving, "max_accuracy_drop": args.max_drop, "epochs": recipe.finetune.epochs, "lr": recipe.finetune.lr,
               "distill": {"weight": args.weight, "temperature": args.temperature}, "rows": rows,
               "summary": summary(rows),
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,

@@ -72,15 +72,19 @@ def step_seconds(model, prunes: dict, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def compiled(model, x, calibration) -> dict:
+    """OpenVINO FP32 and NNCF INT8 builds of ``model`` for inputs shaped like ``x`` (f32 precision hint)."""
+    return {"fp32": compile_openvino(to_openvino_model(model, x), "f32"),
+            "int8": compile_openvino(quantize_int8(model, x, [c.numpy() for c in calibration],
+                                                   subset_size=len(calibration)), "f32")}
+
+
 def latencies(model, shape, batches, calibration) -> dict:
     out = {}
     for batch in batches:
         x = torch.rand(batch, *shape)
-        fp32 = compile_openvino(to_openvino_model(model, x), "f32")
-        out[f"fp32_b{batch}_ms"] = round(median_ms(lambda: fp32(x.numpy()), repeats=10, warmup=2), 3)
-        int8 = compile_openvino(quantize_int8(model, x, [c.numpy() for c in calibration], subset_size=len(calibration)),
-                                "f32")
-        out[f"int8_b{batch}_ms"] = round(median_ms(lambda: int8(x.numpy()), repeats=10, warmup=2), 3)
+        for precision, run in compiled(model, x, calibration).items():
+            out[f"{precision}_b{batch}_ms"] = round(median_ms(lambda: run(x.numpy()), repeats=10, warmup=2), 3)
     return out
 
 
