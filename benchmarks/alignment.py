@@ -15,34 +15,35 @@ docs/benchmarks.md and writes every round to ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from primesvt_plugin import build_model, prime
+from primesvt_plugin import build_model
 from primesvt_plugin.deploy.export import cpu_description
 from primesvt_plugin.deploy.latency import median_ms
-from primesvt_plugin.pruning.spiking import class_scores, fresh_forward
-from scale import MODELS, compiled, params
+from scale import MODELS, compiled, params, prime_at_paper_saving
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def pruned_models(name: str, round_tos) -> tuple[dict, tuple]:
-    """The unpruned model and one ``prime()``-pruned copy of it per ``round_to``; the input shape."""
+def pruned_models(name: str, round_tos) -> tuple[dict, dict, tuple]:
+    """The unpruned model and one ``prime()``-pruned copy of it per ``round_to`` (as scale.py prunes);
+    what each ``prime()`` reached; the input shape."""
     builder, args, shape = MODELS[name]
     torch.manual_seed(0)
     unpruned = build_model(builder, args).eval()
-    inputs = torch.rand(4, *shape)
-    reference = class_scores(fresh_forward(unpruned, inputs)).argmax(-1)
-    models = {"unpruned": unpruned}
+    x = torch.rand(2, *shape)
+    models, reached = {"unpruned": unpruned}, {}
     for round_to in round_tos:
-        result = prime(copy.deepcopy(unpruned), torch.rand(2, *shape),
-                       lambda m: float((class_scores(m(inputs)).argmax(-1) == reference).float().mean()),
-                       memory_saving=0.2668, max_accuracy_drop=0.3, round_to=round_to, progress=False)
+        result, _ = prime_at_paper_saving(unpruned, x, shape, round_to)  # prime() prunes a copy
+        report = result.report
         models[f"round_to {round_to}"] = result.model
-    return models, shape
+        reached[f"round_to {round_to}"] = {"parameter_saving": report.pruned.parameter_saving,
+                                           "constraints_met": report.constraints_met}
+    return models, reached, shape
 
 
 def rounds_of(models: dict, shape, batch: int, rounds: int) -> list[dict]:
@@ -55,12 +56,13 @@ def rounds_of(models: dict, shape, batch: int, rounds: int) -> list[dict]:
              for (name, precision), run in builds.items()} for _ in range(rounds)]
 
 
-def summary(models: dict, timings: list[dict]) -> list[dict]:
+def summary(models: dict, reached: dict, timings: list[dict]) -> list[dict]:
+    """Per build: parameters, what prime() reached, median latency and median ratio to the unpruned build."""
     rows = []
     for key in timings[0]:
         name, precision = key.split("/")
         base = f"unpruned/{precision}"
-        rows.append({"build": key, "params": params(models[name]),
+        rows.append({"build": key, "params": params(models[name]), **reached.get(name, {}),
                      "median_ms": statistics.median(t[key] for t in timings),
                      "ratio_to_unpruned": statistics.median(t[key] / t[base] for t in timings),
                      "ratio_range": [min(t[key] / t[base] for t in timings), max(t[key] / t[base] for t in timings)]})
@@ -73,19 +75,21 @@ def main() -> None:
     parser.add_argument("--round-to", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/alignment.json"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/alignment.json")
     args = parser.parse_args()
     result = {"machine": {"cpu": cpu_description(), "torch": torch.__version__, "threads": torch.get_num_threads()},
               "batch": args.batch, "models": {}}
-    print("| model | build | params | median ms | ratio to unpruned (min-max over rounds) |\n|---|---|---|---|---|")
+    print("| model | build | params | saved | median ms | ratio to unpruned (min-max over rounds) |\n"
+          "|---|---|---|---|---|---|")
     for name in args.models:
-        models, shape = pruned_models(name, args.round_to)
+        models, reached, shape = pruned_models(name, args.round_to)
         timings = rounds_of(models, shape, args.batch, args.rounds)
-        rows = summary(models, timings)
+        rows = summary(models, reached, timings)
         result["models"][name] = {"rounds": timings, "rows": rows}
         for r in rows:
             low, high = r["ratio_range"]
-            print(f"| {name} | {r['build']} | {r['params'] / 1e6:.2f}M | {r['median_ms']:.1f} | "
+            saved = f"{100 * r['parameter_saving']:.1f}%" if "parameter_saving" in r else "-"
+            print(f"| {name} | {r['build']} | {r['params'] / 1e6:.2f}M | {saved} | {r['median_ms']:.1f} | "
                   f"{r['ratio_to_unpruned']:.2f} ({low:.2f}-{high:.2f}) |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -25,7 +25,7 @@ from primesvt_plugin.pruning.policy import prime
 from primesvt_plugin.pruning.spiking import one_sample
 from primesvt_plugin.pipeline.recipe import RecipeError, load_recipe
 from primesvt_plugin.plugins import build_model
-from primesvt_plugin.errors import UntrustedCodeError
+from primesvt_plugin.errors import ArgumentError, UntrustedCodeError
 from primesvt_plugin.serialization import CheckpointError, load_pruned, save_pruned
 
 from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, BreaksThirdNeuron, assert_heads_consistent, build, param_count, run
@@ -58,6 +58,37 @@ def test_spiking_pruner_checks_the_pruned_model_in_one_pass_of_one_sample(images
     hook.remove()
     assert seen == [one_sample(model, images).shape]
     assert run(model, images).shape == run(build("spikformer"), images).shape
+
+
+def test_a_pruned_model_whose_output_shape_differs_from_the_recorded_one_is_restored(images):
+    model = build("spikformer")
+    before_out = run(model, images)
+    pruner = SpikingPruner(model, images, pruning_ratio=0.5)
+    recorded = pruner.graph.output_shape
+    pruner.graph.output_shape = torch.Size([*recorded[:-1], recorded[-1] + 1])  # what a broken head would give
+    with pytest.raises(PruningFailed, match=r"output shape changed from .* after pruning \d+ channels of group"):
+        pruner.step()
+    assert torch.equal(run(model, images), before_out)
+
+
+class ScoresTwice(torch.nn.Module):
+    """A model whose forward returns a tuple, not one tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        scores = self.model(x)
+        return scores, scores
+
+
+def test_a_model_returning_a_tuple_is_refused_before_pruning(images):
+    model = ScoresTwice(build("spikformer"))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(ArgumentError, match="returns a tuple, not one tensor"):
+        SpikingPruner(model, images, pruning_ratio=0.5).step()
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
 
 
 def layout_plugin(attention_class, make_layout, spoil):

@@ -135,7 +135,7 @@ class SpikingGraph:
         self.ignored_layers = list(ignored_layers)
         # one pass of one sample: each neuron's state, each layer's output (what RAM predictions need), and
         # the model's output shape, against which apply_plan checks the pruned model on the same sample
-        self.sample_inputs = one_sample(model, example_inputs)
+        self.sample_inputs = one_sample(model, example_inputs).clone()  # not a view keeping the whole batch
         sample = state_and_outputs(model, self.sample_inputs)
         self.state_bytes, self.layer_outputs, self.output_shape = sample
         self._inner_channel_ops: dict[int, tuple] = {}

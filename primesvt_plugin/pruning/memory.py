@@ -169,7 +169,7 @@ class SamplePass(NamedTuple):
 
     state_bytes: dict[nn.Module, int]  # stateful module -> bytes of its state
     layer_outputs: dict[nn.Module, int]  # layer -> entries of its output, all time steps, in running order
-    output_shape: torch.Size | None  # the model's output shape (None when the output is not one tensor)
+    output_shape: torch.Size | None  # the model's output shape; None when the output is not one tensor
 
 
 def state_and_outputs(model: nn.Module, example_inputs: torch.Tensor, record_outputs: bool = True) -> SamplePass:

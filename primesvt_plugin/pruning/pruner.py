@@ -88,13 +88,21 @@ def structural_change(model: nn.Module) -> Iterator[None]:
         set_requires_grad_flags(flags)
 
 
+def output_shape(output) -> torch.Size:
+    """The shape of a model's output; an output that is not one tensor is refused (the checks compare one tensor)."""
+    if not isinstance(output, torch.Tensor):
+        raise ArgumentError(f"the model returns a {type(output).__name__}, not one tensor: pruning checks the shape "
+                            "and values of its output; wrap the model so that its forward returns one tensor")
+    return output.shape
+
+
 def check_runs(model: nn.Module, example_inputs, expected_shape: torch.Size, what: str) -> None:
     """Run ``model`` on ``example_inputs`` (multi-step) and check the output shape and values."""
     try:
         out = fresh_forward(model, example_inputs)
     except Exception as error:
         raise PruningFailed(f"model no longer runs after {what}: {error}") from error
-    if out.shape != expected_shape:
+    if output_shape(out) != expected_shape:
         raise PruningFailed(f"output shape changed from {tuple(expected_shape)} to {tuple(out.shape)} after {what}")
     if not torch.isfinite(out).all():
         raise PruningFailed(f"model outputs non-finite values after {what}")
@@ -105,8 +113,10 @@ class SpikingPruner:
 
     ``importance`` is any ``tp.importance.Importance`` (L2 by default). Ratios
     apply per group (``pruning_ratio_dict`` maps group names to their own ratio).
-    After each group the model is run on ``example_inputs``; if anything
-    breaks, the model is restored and ``PruningFailed`` is raised.
+    After the whole plan the model is run once, on the graph's one sample of
+    ``example_inputs``, and checked against the output shape the graph recorded
+    on it when it was built (so build the pruner on the model as it will be
+    pruned); if anything breaks, the model is restored and ``PruningFailed`` is raised.
     """
 
     def __init__(self, model: nn.Module, example_inputs, importance: tp.importance.Importance | None = None,
@@ -153,7 +163,7 @@ def verified_step(pruner: tp.pruner.MetaPruner, example_inputs) -> None:
     """
     model = pruner.model
     example_inputs = to_model_device(model, example_inputs)
-    expected = fresh_forward(model, example_inputs).shape
+    expected = output_shape(fresh_forward(model, example_inputs))
     with structural_change(model):
         pruner.step()
         check_runs(model, example_inputs, expected, "a Torch-Pruning step")
@@ -171,7 +181,7 @@ def apply_plan(model: nn.Module, example_inputs, groups: list[PruningGroup], pla
     the unpruned model is run once more to learn it.
     """
     example_inputs = to_model_device(model, example_inputs)
-    expected = fresh_forward(model, example_inputs).shape if expected_shape is None else expected_shape
+    expected = output_shape(fresh_forward(model, example_inputs)) if expected_shape is None else expected_shape
     chosen = [(group, plan[group.name]) for group in groups if plan.get(group.name)]
     try:
         with structural_change(model):

@@ -1,0 +1,43 @@
+"""SpikingPruner's step against Torch-Pruning's MetaPruner with our kwargs, for one version of the package.
+
+    python benchmarks/pruner_steps.py [--models NAME ...] [--repeats 5]
+    git worktree add /tmp/old <commit> && PYTHONPATH=/tmp/old python benchmarks/pruner_steps.py
+
+Times, as scale.py does, each pruner from its construction to the end of its step at
+ratio 0.3 on a fresh copy of each model (random weights, seed 0), median of
+``--repeats`` runs taken in turns. The package timed is whichever ``primesvt_plugin``
+Python imports (printed first): with ``PYTHONPATH`` set to a worktree of an older
+commit, two runs in one session compare versions on the same machine state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import primesvt_plugin
+from primesvt_plugin import build_model
+from scale import MODELS, pruner_step_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        default=["spikformer_cifar10", "maxformer_cifar", "spikformer_ti", "sdt_8_384",
+                                 "qkformer_10_384", "spikformer_cifar10 depth 8"])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(json.dumps({"package": primesvt_plugin.__file__}), flush=True)
+    for name in args.models:
+        builder, model_args, shape = MODELS[name]
+        torch.manual_seed(0)
+        model = build_model(builder, model_args).eval()
+        steps = pruner_step_seconds(model, torch.rand(2, *shape), args.repeats)
+        ratio = steps["spikingpruner_s"] / steps["metapruner_s"]
+        print(json.dumps({"model": name, **{k: round(v, 3) for k, v in steps.items()}, "ratio": round(ratio, 2)}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
