@@ -182,7 +182,32 @@ def test_interrupted_run_cleans_up_and_says_one_line(signum, code, workdir):
     assert process.returncode == code, err
     lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1 and "nothing was written" in lines[0], err
+    assert ("SIGTERM" if signum == signal.SIGTERM else "interrupted (Ctrl-C)") in lines[0], err
     assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
+
+
+STOP_INSIDE_A_C_EXTENSION = """
+import ctypes
+
+
+def build(**kwargs):
+    # what a C extension's nested PyRun_* call does when Ctrl-C lands in it: CPython marks the
+    # KeyboardInterrupt unhandled, and the stop then reaches our code
+    ctypes.pythonapi.PyRun_SimpleString(b"raise KeyboardInterrupt")
+    raise KeyboardInterrupt
+"""
+
+
+def test_a_stop_that_passed_through_a_c_extension_still_exits_130(workdir):
+    (workdir / "stopper.py").write_text(STOP_INSIDE_A_C_EXTENSION)
+    recipe = workdir / "recipe.yaml"
+    recipe.write_text(find_recipe("spikformer_digits").read_text())
+    process = subprocess.run([sys.executable, "-m", "primesvt_plugin.pipeline.cli", "run", str(recipe), "--out", "out",
+                              "--quiet", "--allow-code", "--set", "model.name=stopper:build"],
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 130, process.stderr  # not killed by SIGINT (-2)
+    assert "interrupted (Ctrl-C); nothing was written" in process.stderr.splitlines()[-1], process.stderr
+    assert not (workdir / "out").exists()
 
 
 def test_a_failed_run_is_one_line_and_exit_1_and_debug_shows_the_traceback(workdir, capsys):
