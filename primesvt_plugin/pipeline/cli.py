@@ -8,6 +8,7 @@ wrote its outputs but some of its checks failed; 130 / 143 interrupted
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import signal
@@ -125,10 +126,8 @@ def _stop_was_handled() -> None:
     then ends by killing itself with SIGINT instead of exiting with our 130 / 143 (seen
     in about one Ctrl-C of six during training). Elsewhere the flag is absent: nothing to do.
     """
-    try:
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # not CPython 3.11, or no such symbol
         ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
-    except (AttributeError, ValueError, OSError):  # not CPython 3.11, or no such symbol
-        pass
 
 
 def _error(message: str) -> None:
