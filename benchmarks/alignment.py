@@ -23,8 +23,7 @@ import torch
 
 from primesvt_plugin import build_model
 from primesvt_plugin.deploy.export import cpu_description
-from primesvt_plugin.deploy.latency import median_ms
-from scale import MODELS, compiled, params, prime_at_paper_saving
+from scale import MODELS, compiled, latency_ms, params, prime_at_paper_saving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +51,8 @@ def rounds_of(models: dict, shape, batch: int, rounds: int) -> list[dict]:
     calibration = [torch.rand(1, *shape) for _ in range(4)]
     builds = {(name, precision): run for name, model in models.items()
               for precision, run in compiled(model, x, calibration).items()}
-    return [{f"{name}/{precision}": median_ms(lambda: run(x.numpy()), repeats=10, warmup=2)
-             for (name, precision), run in builds.items()} for _ in range(rounds)]
+    return [{f"{name}/{precision}": latency_ms(run, x) for (name, precision), run in builds.items()}
+            for _ in range(rounds)]
 
 
 def summary(models: dict, reached: dict, timings: list[dict]) -> list[dict]:

@@ -101,12 +101,17 @@ def compiled(model, x, calibration) -> dict:
                                                    subset_size=len(calibration)), "f32")}
 
 
+def latency_ms(run, x) -> float:
+    """Median milliseconds of a compiled build on ``x``: 10 runs after 2 warm-up runs."""
+    return median_ms(lambda: run(x.numpy()), repeats=10, warmup=2)
+
+
 def latencies(model, shape, batches, calibration) -> dict:
     out = {}
     for batch in batches:
         x = torch.rand(batch, *shape)
         for precision, run in compiled(model, x, calibration).items():
-            out[f"{precision}_b{batch}_ms"] = round(median_ms(lambda: run(x.numpy()), repeats=10, warmup=2), 3)
+            out[f"{precision}_b{batch}_ms"] = round(latency_ms(run, x), 3)
     return out
 
 
