@@ -13,6 +13,7 @@ same code runs both ways.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from typing import Any
 
@@ -123,6 +124,18 @@ def prefix() -> str:
     return f"rank {os.environ['RANK']}: " if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
+# What gloo / NCCL / the c10d store say when the process at the other end of a connection is gone
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is this rank noticing that another process of the run stopped (under torchrun)."""
+    if not prefix():
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(sign in text for sign in PEER_LOST)
+
+
 def mean_over_ranks(value: float) -> float:
     """``value`` averaged over the ranks (e.g. an epoch's loss, each rank's on its shard)."""
     return all_sum(value)[0] / world_size()
@@ -131,11 +144,14 @@ def mean_over_ranks(value: float) -> float:
 def data_parallel(model: nn.Module, loader: DataLoader, seed: int):
     """``(loader, sampler, model to train)`` for training under torchrun: the loader draws this
     rank's shard through a ``DistributedSampler`` (call ``sampler.set_epoch`` each epoch) and the
-    model is wrapped in ``DistributedDataParallel``. Outside torchrun: ``(loader, None, model)``."""
+    model is wrapped in ``DistributedDataParallel``. Outside torchrun: ``(loader, None, model)``.
+
+    ``loader.batch_size`` stays the global batch: each rank draws its share of it, so an epoch
+    takes as many optimizer steps, on batches as large, as in one process."""
     if not active():
         return loader, None, model
     sampler = DistributedSampler(loader.dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
-    sharded = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+    sharded = DataLoader(loader.dataset, batch_size=math.ceil(loader.batch_size / world_size()), sampler=sampler,
                          num_workers=loader.num_workers, collate_fn=loader.collate_fn)
     device = model_device(model)
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

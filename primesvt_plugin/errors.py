@@ -14,16 +14,38 @@ catching ``ValueError`` / ``RuntimeError`` / ``TypeError`` keeps working.
 """
 from __future__ import annotations
 
+import re
+
+
+MAX_MESSAGE = 1000  # characters of an error message shown: input echoed in a message is never unbounded
+
+# torch re-raises an error of a DataLoader worker process with the worker's traceback as its message
+_WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\s*\nOriginal Traceback")
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none), for one-line reports."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """The first line of an error's message (its type's name when it has none), for one-line reports.
+
+    An error raised in a DataLoader worker process says what the worker's error said."""
+    text = str(error).strip()
+    if _WORKER_ERROR.match(text):
+        original = text.splitlines()[-1]  # "package.module.ErrorType: message"
+        text = original.split(": ", 1)[1] if ": " in original else original
+    return shorten((text.splitlines() or [type(error).__name__])[0])
 
 
 class PrimeSVTError(Exception):
     """Base of every error primesvt raises on purpose."""
 
     exit_code = 1
+    # set by the runner when the error came after the run had started (bad input found deep in the data):
+    # the exit code stays the error's, and the user is told the output folder was left as it was
+    while_running = False
 
 
 class InputError(PrimeSVTError):

@@ -11,6 +11,7 @@ builder needs ``trust_code=True``): a file never runs code by itself.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -83,6 +84,11 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> None:
                               "(was it saved from a model with other arguments?)") from None
 
 
+# An example input is one batch of samples: at most 6 dimensions ([T, N, C, D, H, W]) and 2**28 entries
+# (1 GiB of float32), so a damaged or hostile file cannot make loading allocate any amount.
+MAX_EXAMPLE_DIMS = 6
+MAX_EXAMPLE_ENTRIES = 2 ** 28
+
 # Each field of a pruned-model file and the type it must have.
 FIELDS = {"builder": str, "builder_args": dict, "example_shape": list, "plan": dict, "state_dict": dict}
 
@@ -97,10 +103,15 @@ def read_checkpoint(path: str | Path) -> dict:
         if not isinstance(payload.get(field), kind):
             raise CheckpointError(f"{path}: field {field!r} is missing or not a {kind.__name__}; "
                                   "the file is damaged or was not written by save_pruned")
-    plan_ok = all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in payload["plan"].values())
-    shape_ok = payload["example_shape"] and all(isinstance(d, int) and d > 0 for d in payload["example_shape"])
+    plan_ok = all(isinstance(v, list) and all(type(i) is int for i in v) for v in payload["plan"].values())
+    shape = payload["example_shape"]
+    shape_ok = 0 < len(shape) <= MAX_EXAMPLE_DIMS and all(type(d) is int and d > 0 for d in shape)
     if not (plan_ok and shape_ok):
         raise CheckpointError(f"{path}: plan or example_shape is malformed; the file is damaged")
+    if math.prod(shape) > MAX_EXAMPLE_ENTRIES:  # loading builds a zero example of this shape
+        raise CheckpointError(f"{path}: example_shape {shape} has {math.prod(shape):,} entries, more than the "
+                              f"{MAX_EXAMPLE_ENTRIES:,} an example input is allowed; the file is damaged or not "
+                              "from save_pruned")
     return payload
 
 

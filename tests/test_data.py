@@ -191,3 +191,152 @@ def test_one_batch_smoke_run_on_tiny_cifar(tmp_path):
     assert [name for name, check in report["checks"].items() if not check["ok"]] == ["baseline above chance level"]
     assert [stage["stage"] for stage in report["stages"]] == ["fp32", "pruned + finetuned"]
     assert report["prune"]["pruned"]["parameter_saving"] >= 0.2668
+
+
+# -- hostile and corrupt files: refused in one line naming the file, never run ----------------------------
+
+
+class RunsCode:
+    """A pickled object whose unpickling would call ``os.system(command)``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+def write_pickle(path, payload) -> None:
+    with open(path, "wb") as file:
+        pickle.dump(payload, file)
+
+
+@pytest.mark.parametrize("where", ["the batch itself", "its batch_label"])
+def test_a_cifar_batch_carrying_code_is_refused_without_running_it(where, tmp_path, capsys):
+    root = write_cifar(tmp_path / "cifar", {**{f"data_batch_{i}": 8 for i in range(1, 6)}, "test_batch": 6})
+    marker = tmp_path / "ran"
+    payload = RunsCode(f"touch {marker}")
+    batch = payload if where == "the batch itself" else {
+        b"data": np.zeros((8, 3072), np.uint8), b"labels": [0] * 8, b"batch_label": payload}
+    write_pickle(root / "data_batch_3", batch)
+    with pytest.raises(DataError, match=r"data_batch_3 is not a CIFAR batch: .*posix\.system"):
+        cifar10(root, val_size=10)
+    assert not marker.exists()
+    assert main(["validate", "spikformer_cifar10", "--set", f"data.args.root={root}", "--set", "data.workers=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data_batch_3 is not a CIFAR batch" in err[0], err
+    assert not marker.exists()
+
+
+def test_a_cifar_batch_written_by_python_2_numpy_still_reads(tmp_path):
+    """The official files are protocol-2 pickles of numpy arrays (bytes encoded through _codecs)."""
+    root = tmp_path / "cifar"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as file:
+            pickle.dump({b"data": np.full((4, 3072), 9, np.uint8), b"labels": [1, 2, 3, 4],
+                         b"batch_label": b"training batch", b"filenames": [b"a.png"] * 4}, file, protocol=2)
+    data = cifar10(root, val_size=4)
+    assert (len(data.train), len(data.test)) == (16, 4) and data.labels("test").tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    ({b"data": np.zeros((6, 3072), np.uint8), b"labels": list(range(10)) * 11}, "6 images but 110 labels"),
+    ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 10, 2]}, "label 10 .* outside 0..9"),
+    ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, -1, 2]}, "label -1 .* outside 0..9"),
+    ({b"labels": [0, 1]}, r"the CIFAR batch lacks b'data'"),
+    ({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, r"uint8 array \[N, 3072\]"),
+    ([1, 2, 3], "holds a list, not a dict"),
+])
+def test_corrupt_cifar_batches_are_refused_naming_the_file(corrupt, message, tmp_path):
+    root = write_cifar(tmp_path / "cifar", {**{f"data_batch_{i}": 8 for i in range(1, 6)}, "test_batch": 6})
+    write_pickle(root / "data_batch_2", corrupt)
+    with pytest.raises(DataError, match=f"data_batch_2.*{message}"):
+        cifar10(root, val_size=10)
+
+
+def test_class_folders_that_would_shift_or_drop_labels_are_refused(tmp_path):
+    root = write_images(tmp_path / "images")
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*empty has no images"):
+        image_folder(root)
+    write_images(tmp_path / "imagenet" / "train", per_class=4, size=40)
+    write_images(tmp_path / "imagenet" / "val", per_class=1, size=40)
+    (tmp_path / "imagenet" / "val" / "violet").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "imagenet" / "val" / "violet" / "0.png")
+    with pytest.raises(DataError, match=r"val has class folder\(s\) violet that the training split .*train lacks"):
+        imagenet_folder(tmp_path / "imagenet", image_size=32, val_size=3)
+
+
+def test_a_model_with_fewer_outputs_than_the_data_has_classes_is_refused(tmp_path, capsys):
+    root = write_images(tmp_path / "images", size=16)  # 3 classes
+    args = ["validate", "spikformer_digits", "--set", "data.name=image_folder",
+            "--set", f"data.args={{root: {root}, image_size: 16, grayscale: true}}", "--set", "model.args.num_classes=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gives 2 class scores, but dataset 'image_folder' has 3 classes" in err[0], err
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+BAD_IMAGES = {
+    "bomb.png": png_header_only(20000, 20000),  # 400 megapixels: Pillow's decompression-bomb guard
+    "short.ppm": b"P6\n32 32\n255\n" + bytes(87),  # a 100-byte PPM: header, then too few pixels
+    "short.bmp": b"BM" + bytes(98),
+    "text.pgm": b"P2\n2 2\n255\n1 2 x 4\n",  # a text PGM with a value that is not a number
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_deep_in_the_data_is_one_line_naming_it(name, workers, tmp_path, capsys):
+    root = write_images(tmp_path / "images", per_class=4, size=16)
+    (root / "red" / name).write_bytes(BAD_IMAGES[name])
+    assert root / "red" / name in image_folder(root, 16, grayscale=True).train.files  # read while training
+    args = ["run", "spikformer_digits", "--quiet", "--out", str(tmp_path / "out"), "--set", "data.name=image_folder",
+            "--set", f"data.args={{root: {root}, image_size: 16, grayscale: true}}", "--set", f"data.workers={workers}",
+            "--set", "model.args.num_classes=3", "--set", "train.epochs=1", "--set", "prune=null",
+            "--set", "finetune=null", "--set", "quantize=null", "--set", "export=null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot read image {root / 'red' / name}" in err[0], err
+    assert "Traceback" not in err[0] and "worker process" not in err[0]
+    assert "the output folder was left as it was" in err[0]  # found while running: not "nothing ran"
+    assert not (tmp_path / "out").exists()
+
+
+def test_event_frames_with_another_frame_count_are_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "CIFAR10DVS" / "frames_number_4_split_by_number"
+    write_frames(folder, classes=2, per_class=5)
+    np.savez(folder / "class_1" / "sample_3.npz", frames=np.ones((6, 2, 8, 8), np.float32))
+    data = dvs_frames(tmp_path / "CIFAR10DVS", val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(DataError, match=r"sample_3.npz: frames of shape \[6, 2, 8, 8\], expected \[4, 2, H, W\]"):
+        everything(data, "train"), everything(data, "val"), everything(data, "test")
+
+
+def test_pickled_arrays_in_npz_files_are_refused_without_running_them(tmp_path):
+    marker = tmp_path / "ran"
+    objects = np.empty(1, dtype=object)
+    objects[0] = RunsCode(f"touch {marker}")
+    np.savez(tmp_path / "data.npz", x=objects, y=np.zeros(1, np.int64))
+    from primesvt_plugin.pipeline.data import npz_splits
+    with pytest.raises(DataError, match="data.npz is not a readable .npz file: .*allow_pickle"):
+        npz_splits(tmp_path / "data.npz")
+    frames = tmp_path / "DVS" / "frames_number_4_split_by_number"
+    write_frames(frames, classes=2, per_class=5)
+    np.savez(frames / "class_0" / "sample_0.npz", frames=objects)
+    data = dvs_frames(tmp_path / "DVS", val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(DataError, match="sample_0.npz is not a frame file"):
+        everything(data, "train"), everything(data, "val"), everything(data, "test")
+    assert not marker.exists()

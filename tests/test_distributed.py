@@ -132,3 +132,102 @@ def test_nproc_starts_the_same_thing_as_torchrun(checkpoint, tmp_path):
     recipe = search_recipe(tmp_path, checkpoint)
     assert main(["run", recipe, "--out", str(tmp_path / "out"), "--quiet", "--nproc", "2"]) == 0
     assert json.loads((tmp_path / "out" / "report.json").read_text())["distributed"]["world_size"] == 2
+
+
+def test_nproc_and_the_recipe_are_checked_before_any_process_starts(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.yaml"), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.yaml: recipe file not found" in err[0] and "rank" not in err[0], err
+    for count in ("-1", "0", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["run", "spikformer_digits", "--nproc", count])
+        assert exit_.value.code == 2
+        assert "--nproc: the number of processes must be a whole number >= 1" in capsys.readouterr().err
+
+
+def running_ranks(marker: str) -> dict[int, int]:
+    """``rank -> pid`` of the live processes whose command line holds ``marker``."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_text():
+                environ = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+                if "RANK" in environ and (entry / "stat").read_text().split()[2] != "Z":
+                    ranks[int(environ["RANK"])] = int(entry.name)
+        except OSError:
+            continue
+    return ranks
+
+
+def started_with_nproc(tmp_path, epochs: int = 500) -> tuple[subprocess.Popen, str]:
+    """``primesvt run --nproc 2`` on a long training run, returned once both ranks train."""
+    recipe = write_recipe(tmp_path / "long.yaml", "data: {name: digits, args: {image_size: 16}}\n"
+                                                  f"train: {{epochs: {epochs}}}\n")
+    process = subprocess.Popen([sys.executable, "-m", "primesvt_plugin", "run", recipe, "--out", str(tmp_path / "out"),
+                                "--quiet", "--nproc", "2"], env=TORCHRUN_ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(".partial" in p.name for p in tmp_path.iterdir()) or len(running_ranks(recipe)) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    time.sleep(2)  # training
+    return process, recipe
+
+
+def test_sigterm_to_nproc_stops_every_process_and_writes_nothing(tmp_path):
+    process, recipe = started_with_nproc(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and "stopped by SIGTERM; every process was stopped, nothing was written" in errors[0], err
+    assert running_ranks(recipe) == {}  # the ranks ended with the launcher, not after it
+    time.sleep(3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.yaml"]
+
+
+def test_a_rank_killed_from_outside_is_named_and_nothing_is_written(tmp_path):
+    process, recipe = started_with_nproc(tmp_path)
+    victim = running_ranks(recipe)[1]
+    os.kill(victim, signal.SIGKILL)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert all(line.startswith("primesvt: error: ") for line in errors) and len(errors) <= 2, err
+    assert f"rank 1 (pid {victim}) was killed by SIGKILL, so the run stopped; nothing was written" in errors[-1], err
+    assert not any("unexpected" in line or "GLHF" in line for line in errors), err  # rank 0: another process stopped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.yaml"]
+
+
+SCHEDULE_SCRIPT = '''
+import sys
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from primesvt_plugin import distributed
+from primesvt_plugin.pipeline.training import train
+
+distributed.init_from_environment()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+data = TensorDataset(torch.rand(50, 4), torch.randint(0, 3, (50,)))
+train(model, DataLoader(data, batch_size=8, shuffle=True), epochs=3, lr=0.01, schedule="cosine", warmup_epochs=1,
+      progress=False, checkpoint=sys.argv[1])
+distributed.shutdown()
+'''
+
+
+def test_the_learning_rate_schedule_ends_at_its_end_on_one_and_two_processes(tmp_path):
+    (tmp_path / "schedule.py").write_text(SCHEDULE_SCRIPT)
+    states = {}
+    for processes in (1, 2):
+        saved = tmp_path / f"checkpoint_{processes}.pt"
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 str(processes), str(tmp_path / "schedule.py"), str(saved)], env=TORCHRUN_ENV,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        states[processes] = read_checkpoint(saved)
+    for processes, state in states.items():
+        steps = state["settings"]["steps_per_epoch"]
+        assert steps == 7, processes  # 50 samples in global batches of 8, one process or two
+        assert state["scheduler"]["last_epoch"] == 3 * steps  # every planned step was taken...
+        assert state["scheduler"]["_last_lr"] == [0.0]  # ...and cosine ended at 0, not half-way

@@ -152,3 +152,30 @@ def test_an_unknown_ranking_is_refused():
     with pytest.raises(ArgumentError, match="rank_by must be one of"):
         prime(model, images[:1], agreement_with(model, images), memory_saving=0.2, max_accuracy_drop=0.1,
               rank_by="latency")
+
+
+def test_a_deployed_stage_counts_its_traffic_at_the_bytes_it_stores():
+    """Weights at INT8 are 1 B, INT4 matmul weights 0.5 B, INT8 membrane potentials 1 B: op_counter sees
+    float32 tensors (4 B), so the deployed stage's traffic is counted at the deployment's bytes."""
+    from spikingjelly.activation_based import neuron
+
+    from primesvt_plugin.pruning.memory import FP32, INT4, INT8
+
+    torch.manual_seed(0)
+    conv, linear = torch.nn.Conv2d(1, 8, 3, bias=False), torch.nn.Linear(8 * 6 * 6, 10, bias=False)
+    model = torch.nn.Sequential(conv, neuron.IFNode(v_threshold=0.05), torch.nn.Flatten(), linear).eval()
+    images = torch.rand(4, 1, 8, 8)
+    plain, fp32 = estimate_energy(model, images), estimate_energy(model, images, deployment=FP32)
+    int8, int4 = (estimate_energy(model, images, deployment=d) for d in (INT8, INT4))
+    assert fp32.memory_access_bytes == plain.memory_access_bytes  # FP32 stores what PyTorch holds
+    assert fp32.energy_pj == pytest.approx(plain.energy_pj)
+    terms = {name: e.breakdown_pj for name, e in (("fp32", fp32), ("int8", int8), ("int4", int4))}
+    assert terms["fp32"]["parameter_memory_pj"] > 0 and terms["fp32"]["neuron_state_memory_pj"] > 0
+    assert terms["int8"]["parameter_memory_pj"] == pytest.approx(terms["fp32"]["parameter_memory_pj"] / 4)
+    assert terms["int8"]["neuron_state_memory_pj"] == pytest.approx(terms["fp32"]["neuron_state_memory_pj"] / 4)
+    assert int8.memory_access_bytes == pytest.approx(fp32.memory_access_bytes / 4)
+    # INT4: the linear layer's weights at half a byte, the 3x3 convolution's at INT8; state stays float32
+    assert terms["int4"]["neuron_state_memory_pj"] == pytest.approx(terms["fp32"]["neuron_state_memory_pj"])
+    assert terms["int8"]["parameter_memory_pj"] / 2 < terms["int4"]["parameter_memory_pj"] \
+        < terms["int8"]["parameter_memory_pj"]
+    assert int8.macs == fp32.macs and int8.synaptic_ops == fp32.synaptic_ops  # the same operations

@@ -161,7 +161,7 @@ def test_quantized_model_saves_and_loads_with_identical_outputs(tmp_path):
     assert artifact.compiled_precision == load_quantized(files[0]).compiled_precision == "f32"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random", "missing_bin"])
+@pytest.mark.parametrize("damage", ["truncated", "random", "missing_bin", "onnx_beside_a_bin", "no_layers"])
 def test_damaged_quantized_files_are_clear_errors(damage, tmp_path):
     x = many_images(2)
     files = OpenVINOArtifact(quantize_int8(firing("spikformer"), x[:1], [x[:1].numpy()], subset_size=1)).save(
@@ -171,8 +171,19 @@ def test_damaged_quantized_files_are_clear_errors(damage, tmp_path):
         bin_file.write_bytes(bin_file.read_bytes()[:100])
     elif damage == "random":
         xml.write_bytes(np.random.default_rng(0).bytes(500))
-    else:
+    elif damage == "missing_bin":
         bin_file.unlink()
+    elif damage == "onnx_beside_a_bin":  # a real model.onnx next to a model.bin: OpenVINO would read the ONNX
+        import onnx
+        from onnx import TensorProto, helper
+
+        xml = xml.with_suffix(".onnx")
+        images = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 4])
+        scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 4])
+        onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["images"], ["scores"])],
+                                                      "identity", [images], [scores])), str(xml))
+    else:
+        xml.write_text('<?xml version="1.0"?><net name="empty" version="11"><layers/><edges/></net>')
     with pytest.raises(CheckpointError, match="model_int8"):
         load_quantized(xml)
 

@@ -15,7 +15,7 @@ import pytest
 
 from primesvt_plugin.pipeline.cli import main
 from primesvt_plugin.errors import ExportError, OutputError
-from primesvt_plugin.pipeline.output import RUN_FORMAT, locked
+from primesvt_plugin.pipeline.output import RUN_FORMAT, locked, staged_output
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
 from primesvt_plugin.pipeline.recipe import find_recipe, load_recipe
 from primesvt_plugin.pipeline.runner import run_recipe
@@ -55,7 +55,7 @@ def test_working_folder_and_foreign_folders_are_never_replaced(out, workdir, cap
     before = sorted(p.name for p in workdir.rglob("*"))
     assert run_quick(out) == 2
     line = one_error_line(capsys)
-    assert "working folder" in line or "not the output of a primesvt run" in line
+    assert "working folder" in line or "is not only a previous run's output (main.py: no run's report.json" in line
     assert sorted(p.name for p in workdir.rglob("*")) == before
     assert (workdir / "src" / "main.py").read_text() == "print('mine')"
 
@@ -79,12 +79,12 @@ def test_previous_run_is_replaced_atomically_and_files_follow_the_umask(workdir)
         assert run_quick("out") == 0
         first = json.loads((workdir / "out" / "report.json").read_text())
         assert first["format"] == RUN_FORMAT
-        (workdir / "out" / "stale.txt").write_text("from the first run")
+        (workdir / "out" / "model.torchscript.pt").write_text("overwritten by the user")  # a file the run wrote
         assert run_quick("out") == 0  # a previous run's output is the one folder a run replaces
     finally:
         os.umask(old_mask)
     out = workdir / "out"
-    assert not (out / "stale.txt").exists() and (out / "model.torchscript.pt").is_file()
+    assert (out / "model.torchscript.pt").read_bytes()[:2] == b"PK"  # a new TorchScript archive
     assert litter(workdir) == []
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
@@ -222,3 +222,51 @@ def test_a_failed_run_is_one_line_and_exit_1_and_debug_shows_the_traceback(workd
     finally:
         pm.unregister(name="failing-for-test")
     assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
+
+
+def copy_of_a_run_with(workdir: Path, extra: dict[str, str]) -> Path:
+    """``folder/`` holding a real run's files (report.json listing them) plus ``extra`` files of the user's."""
+    assert run_quick("run") == 0
+    folder = workdir / "folder"
+    (workdir / "run").rename(folder)
+    for name, text in extra.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["user files next to a run's files", "a file in a sub-folder",
+                                  "a report without a files list", "the 0.1.0 sections only"])
+def test_a_folder_is_replaced_only_when_its_report_lists_every_entry(case, workdir, capsys):
+    if case == "user files next to a run's files":
+        folder = copy_of_a_run_with(workdir, {"notes.txt": "mine"})
+    elif case == "a file in a sub-folder":
+        folder = copy_of_a_run_with(workdir, {"data/x.csv": "1,2"})
+    else:
+        folder = workdir / "folder"
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+        report = {"format": RUN_FORMAT, "stages": []} if case == "a report without a files list" else \
+            {"stages": [], "recipe_data": {}}
+        (folder / "report.json").write_text(json.dumps(report))
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert run_quick(folder) == 2
+    line = one_error_line(capsys)
+    assert "is not only a previous run's output" in line
+    assert "(data: not one of the files its run's report.json lists)" in line if "sub-folder" in case else \
+        "(notes.txt: " in line, line
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert litter(workdir) == []
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["new folder", "over a previous run"])
+def test_a_folder_filled_at_out_while_the_run_works_is_never_deleted(previous, workdir):
+    out = copy_of_a_run_with(workdir, {}) if previous else workdir / "folder"
+    with pytest.raises(OutputError, match="changed while the run worked .*notes.txt.*finished output is in") as error:
+        with staged_output(out) as stage:
+            (stage / "report.json").write_text("{}")
+            out.mkdir(exist_ok=True)  # the user (or another tool) writes into out meanwhile
+            (out / "notes.txt").write_text("mine")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (Path(str(error.value).rsplit(" ", 1)[-1]) / "report.json").is_file()  # the finished output is kept
+    assert previous == (out / "report.json").is_file()  # a previous run's files stay with the user's

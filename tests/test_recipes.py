@@ -74,6 +74,8 @@ def test_default_recipe_meets_its_promises(tmp_path, capsys):
     assert [e["precision"] for e in energy] == ["fp32", "fp32", "int8"]
     assert energy[1]["energy_pj"] < energy[0]["energy_pj"] and energy[1]["macs"] < energy[0]["macs"]
     assert energy[2]["energy_pj"] < energy[1]["energy_pj"] and energy[2]["macs"] == energy[1]["macs"]
+    # the INT8 stage reads 1-byte weights and 1-byte membrane potentials (biases stay 4 B): about a quarter
+    assert energy[2]["memory_access_bytes"] < energy[1]["memory_access_bytes"] / 3.9
     assert 0 < max(energy[0]["spike_rates"].values()) <= 1
     assert "uJ (fp32)" in (out / "report.md").read_text()
 
@@ -159,6 +161,14 @@ BAD_RECIPES = {
     "budget not positive": ("model: {name: spikformer}\nprune: {ram_budget: 0}\n", "prune.ram_budget"),
     "budget with uniform": ("model: {name: spikformer}\nprune: {method: uniform, flash_budget: 50KB}\n",
                             "use method: prime"),
+    "budget true": ("model: {name: spikformer}\nprune: {flash_budget: true}\n", "not true"),
+    "budget in parts of a byte": ("model: {name: spikformer}\nprune: {flash_budget: 53976.7}\n",
+                                  "a byte count is a whole number of bytes"),
+    "budget unit in parts of a byte": ("model: {name: spikformer}\nprune: {flash_budget: 1.0005KB}\n",
+                                       "1000.5000 bytes"),
+    "alias bomb": ("model: {name: spikformer}\ndata:\n  name: digits\n  args:\n    a0: &a0 [x, x, x, x, x, x, x, x, x]\n"
+                   + "".join(f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9)),
+                   "expands to more than 100,000 values"),
 }
 
 
@@ -173,6 +183,12 @@ def test_bad_recipe_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(recipe.name) in err and expected in err, err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_whole_byte_counts_are_read_as_written(tmp_path):
+    for written, meant in (("53976", 53976), ("53976.0", 53976), ("1.5KB", 1500), ("50 KiB", 51200)):
+        (tmp_path / "r.yaml").write_text(f"model: {{name: spikformer}}\nprune: {{flash_budget: {written}}}\n")
+        assert load_recipe(tmp_path / "r.yaml").prune.flash_budget == meant
 
 
 def test_budgets_read_bytes_with_units_and_replace_the_default_saving(tmp_path):

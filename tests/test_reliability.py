@@ -189,7 +189,8 @@ def test_a_user_builder_loads_when_trusted(tmp_path, images):
     assert torch.equal(run(loaded, x), run(model, x))
 
 
-@pytest.mark.parametrize("damage", ["empty", "no_plan", "plan_of_strings", "not_a_dict"])
+@pytest.mark.parametrize("damage", ["empty", "no_plan", "plan_of_strings", "not_a_dict", "huge_example",
+                                    "boolean_in_example", "float_in_example", "seven_dimensions"])
 def test_damaged_pruned_model_files_are_clear_errors(damage, tmp_path, images):
     path = save_pruned(spikformer.Spikformer(**SMALL_SPIKFORMER), tmp_path / "m.pt", "spikformer",
                        SMALL_SPIKFORMER, tuple(images.shape), {})
@@ -202,10 +203,17 @@ def test_damaged_pruned_model_files_are_clear_errors(damage, tmp_path, images):
     elif damage == "plan_of_strings":
         payload["plan"] = {"blocks.0": ["a"]}
         torch.save(payload, path)
+    elif damage in EXAMPLE_SHAPES:  # the loader builds a zero example of this shape: bounded, whole numbers
+        payload["example_shape"] = EXAMPLE_SHAPES[damage]
+        torch.save(payload, path)
     else:
         torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match="m.pt"):
         load_pruned(path)
+
+
+EXAMPLE_SHAPES = {"huge_example": [100000, 100000, 100000], "boolean_in_example": [True, 1, 16, 16],
+                  "float_in_example": [1.0, 3, 32, 32], "seven_dimensions": [1] * 7}
 
 
 def test_prime_is_deterministic_and_leaves_the_input_alone(images):

@@ -67,10 +67,20 @@ def load_quantized(path: str | Path, precision: str = "f32") -> OpenVINOArtifact
     import openvino as ov
 
     path = Path(path)
+    if path.suffix != ".xml":
+        raise CheckpointError(f"{path}: load_quantized reads OpenVINO IR, model_<precision>.xml with its .bin "
+                              f"(not {path.suffix or 'a file without a suffix'}); an ONNX file runs on onnxruntime")
     if not path.is_file() or not path.with_suffix(".bin").is_file():
         raise CheckpointError(f"{path} and its .bin are needed to load a quantized model")
     try:
-        artifact = OpenVINOArtifact(ov.Core().read_model(str(path)), precision)
+        ov_model = ov.Core().read_model(str(path))
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} is not a readable OpenVINO model (truncated or another format?): "
+                              f"{first_line(error)}") from None
+    if not ov_model.get_parameters() or not ov_model.get_results():
+        raise CheckpointError(f"{path} holds no model (no inputs or no outputs); it is not a file a run wrote")
+    artifact = OpenVINOArtifact(ov_model, precision)
+    try:
         artifact.compiled  # a truncated .bin only shows when the weights are read
     except RuntimeError as error:
         raise CheckpointError(f"{path} is not a readable OpenVINO model (truncated or another format?): "

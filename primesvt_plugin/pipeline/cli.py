@@ -1,7 +1,8 @@
 """``primesvt``: run and validate recipes, list plugins.
 
 Exit codes: 0 done, every check passed; 1 the run failed (nothing written);
-2 bad input (recipe, --set, file, --out; nothing ran); 3 the run finished and
+2 bad input (recipe, --set, file, --out; found before the run: nothing ran, or in the
+data while it ran: nothing written); 3 the run finished and
 wrote its outputs but some of its checks failed; 130 / 143 interrupted
 (Ctrl-C / SIGTERM; nothing written).
 """
@@ -45,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default: the recipe's 'out'); only a previous "
                                               "run's output is ever replaced")
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
-    run.add_argument("--nproc", type=int, metavar="N",
-                     help="run in N processes on this machine: starts torchrun --standalone --nproc_per_node N "
+    run.add_argument("--nproc", type=_process_count, metavar="N",
+                     help="run in N processes on this machine (PyTorch's elastic agent, as torchrun --standalone --nproc_per_node N) "
                           "(docs/distributed.md)")
     run.add_argument("--resume", action="store_true",
                      help="continue the fine-tuning of an interrupted run into the same output folder from its "
@@ -134,25 +135,51 @@ def _error(message: str) -> None:
     print(f"primesvt: error: {distributed.prefix()}{message}", file=sys.stderr)
 
 
-def _torchrun(argv: list[str], processes: int) -> int:
-    """``primesvt run ... --nproc N``: the same command in N processes started by torchrun."""
-    import subprocess
+def _process_count(text: str) -> int:
+    """``--nproc``'s value: a whole number of processes, at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"the number of processes must be a whole number >= 1, got {text!r}")
+    return count
 
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N``: what each of the N processes runs."""
     rest, skip = [], False
-    for arg in argv:  # drop --nproc N (or --nproc=N): each process runs the plain command
+    for arg in argv:
         if skip:
             skip = False
         elif arg == "--nproc":
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "primesvt_plugin", *rest]
-    return subprocess.run(command).returncode
+    return rest
+
+
+def _run_processes(args, recipe) -> int:
+    """``primesvt run ... --nproc N``: the recipe checked here, once, then run in N processes."""
+    from .launcher import run_processes
+    from .output import check_output
+    from .runner import preflight
+
+    preflight(recipe, get_plugin_manager(), args.allow_code)
+    out = check_output(args.out or recipe.out)
+    outcome = run_processes(_without_nproc(args.argv), args.nproc, out)
+    if outcome.message:
+        if outcome.exit_code:
+            _error(outcome.message)
+        else:
+            print(f"primesvt: {outcome.message}", file=sys.stderr)
+    return outcome.exit_code
 
 
 def _run(args) -> int:
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    if getattr(args, "nproc", None) is not None:
+        return _run_processes(args, recipe)
     distributed.init_from_environment()  # under torchrun: join its process group (a no-op otherwise)
     from .runner import failed_checks, preflight, probe, run_recipe  # heavy imports only when running
 
@@ -196,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plugins":
         _plugins()
         return 0
-    if getattr(args, "nproc", None):
-        return _torchrun(sys.argv[1:] if argv is None else argv, args.nproc)
+    args.argv = sys.argv[1:] if argv is None else argv
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works there only
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
     try:
@@ -209,14 +235,19 @@ def main(argv: list[str] | None = None) -> int:
             return _interrupted(_stop_behind(error), args)
         if args.debug:
             raise
-        kept = "" if error.exit_code == EXIT_BAD_INPUT else "; the output folder was left as it was"
-        _error(f"{error}{kept}{_resumable(args) if kept else ''}")
+        before_running = error.exit_code == EXIT_BAD_INPUT and not error.while_running
+        kept = "" if before_running else "; the output folder was left as it was"
+        _error(f"{first_line(error)}{kept}{_resumable(args) if kept else ''}")
         return error.exit_code
     except Exception as error:
         if _stop_behind(error):
             return _interrupted(_stop_behind(error), args)
         if args.debug:
             raise
+        if distributed.lost_peer(error):  # the process that stopped first says why (or its launcher does)
+            _error("stopped: another process of this run stopped first (its connection closed); nothing was "
+                   f"written{_resumable(args)}")
+            return EXIT_FAILED
         _error(f"unexpected {type(error).__name__}: {first_line(error)}; nothing was written (rerun with --debug for the "
                f"traceback, and please report it){_resumable(args)}")
         return EXIT_FAILED

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 
 SPLITS = ("train", "val", "test")
 
@@ -156,8 +156,10 @@ def split_arrays(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fractio
     """Shuffle once with ``seed`` and cut into train / val / test."""
     if x.ndim != 4:
         raise DataError(f"images must be [N, C, H, W], got shape {x.shape}")
-    if len(x) != len(y):
-        raise DataError(f"{len(x)} images but {len(y)} labels")
+    if y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{len(x)} images but labels of shape {list(y.shape)}: one label per image")
+    if not np.issubdtype(y.dtype, np.number) or (y != np.round(y)).any() or (y < 0).any():
+        raise DataError(f"labels must be whole numbers 0..classes-1, got {y.dtype} labels from {y.min()} to {y.max()}")
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order].astype(np.float32), y[order].astype(np.int64)
     n_test, n_val = int(round(len(x) * test_fraction)), int(round(len(x) * val_fraction))
@@ -192,12 +194,12 @@ def npz_splits(path: str | Path, image_size: int | None = None, val_fraction: fl
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     try:
-        with np.load(path) as arrays:
+        with np.load(path, allow_pickle=False) as arrays:  # an object array (a pickle) is refused, never run
             x, y = arrays["x"], arrays["y"]
     except KeyError as missing:
         raise DataError(f"{path} must hold arrays 'x' and 'y' (missing {missing})") from None
-    except (ValueError, OSError) as error:
-        raise DataError(f"{path} is not a readable .npz file: {error}") from None
+    except Exception as error:  # not a zip, a pickled array, a truncated member
+        raise DataError(f"{path} is not a readable .npz file: {first_line(error)}") from None
     if x.ndim == 3:
         x = x[:, None]
     return split_arrays(resize(x.astype(np.float32), image_size), y, val_fraction, test_fraction, seed)

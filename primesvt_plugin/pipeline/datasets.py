@@ -19,6 +19,7 @@ overlaps ``test``.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
 import random
 import re
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from .data import Datasets
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -88,24 +89,79 @@ class ArrayImages(Dataset):
         return image, int(self.targets[index])
 
 
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes, limited to that use."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused: bytes encoded as {encoding!r}")
+    return text.encode("latin1")
+
+
+def _numpy_pickle_parts() -> dict[tuple[str, str], object]:
+    """The callables numpy arrays, dtypes and scalars are pickled with (numpy 1 and 2 module names)."""
+    core = importlib.import_module("numpy._core" if hasattr(np, "_core") else "numpy.core")
+    parts = {"multiarray._reconstruct": core.multiarray._reconstruct, "multiarray.scalar": core.multiarray.scalar,
+             "numeric._frombuffer": core.numeric._frombuffer}
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                               ("_codecs", "encode"): _latin1}
+    for package in ("numpy.core", "numpy._core"):
+        for qualified, part in parts.items():
+            module, name = qualified.split(".")
+            allowed[(f"{package}.{module}", name)] = part
+    return allowed
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads what CIFAR's python format holds (bytes, str, int, lists, dicts, numpy arrays and dtypes) and
+    refuses any other object without creating it: a pickle's other objects can run code."""
+
+    allowed = _numpy_pickle_parts()
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"holds a {module}.{name} object, which a CIFAR batch never does "
+                                         "(refused without creating it: a pickle's objects can run code)")
+        return self.allowed[(module, name)]
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path} is missing: expected the CIFAR 'python version' layout "
                         "(cifar-10-batches-py/data_batch_1..5 and test_batch, or cifar-100-python/train and test)")
     try:
         with open(path, "rb") as file:
-            return pickle.load(file, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise DataError(f"{path} is not a CIFAR pickle file: {error}") from None
+            batch = CifarUnpickler(file, encoding="bytes").load()
+    except Exception as error:  # any malformed pickle: truncated, foreign, or carrying code (refused above)
+        raise DataError(f"{path} is not a CIFAR batch: {first_line(error)}") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR batch: it holds a {type(batch).__name__}, not a dict")
+    return batch
 
 
-def _cifar_arrays(batches: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for batch in map(_unpickle, batches):
-        if b"data" not in batch or label_key not in batch:
-            raise DataError(f"a CIFAR batch lacks {b'data'!r} or {label_key!r}")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key]))
+def _cifar_batch(path: Path, label_key: bytes, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 3, 32, 32]`` and labels of one CIFAR batch file, checked against each other."""
+    batch = _unpickle(path)
+    missing = [repr(key) for key in (b"data", label_key) if key not in batch]
+    if missing:
+        raise DataError(f"{path}: the CIFAR batch lacks {' and '.join(missing)}")
+    data, labels = batch[b"data"], batch[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: {b'data'!r} must be a uint8 array [N, 3072] (32x32 RGB images), got "
+                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{path}: {label_key!r} must be a list of integer labels") from None
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise DataError(f"{path}: {len(data)} images but {labels.size} labels in {label_key!r}")
+    out_of_range = labels[(labels < 0) | (labels >= classes)]
+    if out_of_range.size:
+        raise DataError(f"{path}: label {int(out_of_range[0])} in {label_key!r} is outside 0..{classes - 1} "
+                        f"(CIFAR-{classes} has {classes} classes)")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar_arrays(batches: list[Path], label_key: bytes, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = zip(*(_cifar_batch(path, label_key, classes) for path in batches))
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -131,8 +187,8 @@ def cifar(root: str | Path, classes: int = 10, val_size: int = 5000, image_size:
         train_files, test_files, key = [root / "train"], [root / "test"], b"fine_labels"
     else:
         raise DataError(f"CIFAR has 10 or 100 classes, got classes={classes}")
-    x, y = _cifar_arrays(train_files, key)
-    x_test, y_test = _cifar_arrays(test_files, key)
+    x, y = _cifar_arrays(train_files, key, classes)
+    x_test, y_test = _cifar_arrays(test_files, key, classes)
     kept, held = _held_out(len(x), val_size, seed)
     return Datasets(ArrayImages(x[kept], y[kept], image_size), ArrayImages(x[held], y[held], image_size),
                     ArrayImages(x_test, y_test, image_size), classes, augment=crop_and_flip(4))
@@ -158,17 +214,27 @@ def _is_image(path: Path) -> bool:
 def _class_files(root: Path, classes: list[str] | None = None, wanted: Callable[[Path], bool] = _is_image,
                  what: str = f"images ({', '.join(sorted(IMAGE_SUFFIXES))})") -> tuple[list[Path], list[int], list[str]]:
     """Files of ``root/<class>/...`` that ``wanted`` accepts (classes sorted by name unless given),
-    and their labels."""
-    if classes is None:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    and their labels. Every class folder must hold a file; with ``classes`` given (a test split
+    read against its training split), ``root`` may hold no class the training split lacks."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    training_split = classes is None
+    if training_split:
+        classes = found
     if not classes:
         raise DataError(f"folder {root} has no class sub-folders")
+    foreign = sorted(set(found) - set(classes))
+    if foreign:
+        raise DataError(f"folder {root} has class folder(s) {', '.join(foreign[:5])} that the training split "
+                        f"{root.parent / 'train'} lacks: its labels would be dropped; give both splits the same classes")
     files, labels = [], []
     for label, name in enumerate(classes):
         folder = root / name
-        found = sorted(p for p in folder.rglob("*") if wanted(p)) if folder.is_dir() else []
-        files += found
-        labels += [label] * len(found)
+        found_files = sorted(p for p in folder.rglob("*") if wanted(p)) if folder.is_dir() else []
+        if not found_files and training_split:
+            raise DataError(f"class folder {folder} has no {what}: an empty class cannot be learnt; "
+                            "remove the folder or add its samples")
+        files += found_files
+        labels += [label] * len(found_files)
     if not files:
         raise DataError(f"folder {root} has no {what} in its class sub-folders")
     return files, labels, classes
@@ -192,8 +258,9 @@ class ImageFiles(Dataset):
             with Image.open(self.files[index]) as image:
                 image = image.convert("L" if self.grayscale else "RGB")
                 image = self._center_crop(image)
-        except OSError as error:
-            raise DataError(f"cannot read image {self.files[index]}: {error}") from None
+        except Exception as error:  # Pillow raises many types on bad files (OSError, SyntaxError, ValueError,
+            # DecompressionBombError for images over Image.MAX_IMAGE_PIXELS): each is a bad input file
+            raise DataError(f"cannot read image {self.files[index]}: {first_line(error)}") from None
         array = np.asarray(image, dtype=np.float32) / 255.0
         tensor = torch.from_numpy(array[None] if self.grayscale else array.transpose(2, 0, 1).copy())
         return tensor, self.targets[index]
@@ -250,33 +317,44 @@ def imagenet_folder(root: str | Path, image_size: int = 224, val_size: int = 100
 
 
 class FrameFiles(Dataset):
-    """``.npz`` files holding ``frames`` ``[T, 2, H, W]``; samples are float ``[T, 2, H, W]``."""
+    """``.npz`` files holding ``frames`` ``[T, 2, H, W]``; samples are float ``[T, 2, H, W]``.
 
-    def __init__(self, files: list[Path], labels: list[int], image_size: int | None = None):
+    Every file must hold ``frames_number`` frames (the T its folder is named after): batches
+    stack the samples, so one file with another T would fail a whole batch.
+    """
+
+    def __init__(self, files: list[Path], labels: list[int], frames_number: int, image_size: int | None = None):
         self.files, self.targets, self.image_size = files, labels, image_size
+        self.frames_number = frames_number
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
+        path = self.files[index]
         try:
-            with np.load(self.files[index]) as arrays:
-                frames = torch.from_numpy(arrays["frames"].astype(np.float32))
-        except (KeyError, ValueError, OSError) as error:
-            raise DataError(f"{self.files[index]} is not a frame file with array 'frames': {error}") from None
+            with np.load(path, allow_pickle=False) as arrays:  # an object array (a pickle) is refused
+                frames = arrays["frames"]
+        except Exception as error:  # not a zip, no 'frames', a pickled array, a truncated member
+            raise DataError(f"{path} is not a frame file with array 'frames': {first_line(error)}") from None
+        if frames.ndim != 4 or frames.shape[0] != self.frames_number or frames.shape[1] != 2:
+            raise DataError(f"{path}: frames of shape {list(frames.shape)}, expected [{self.frames_number}, 2, H, W] "
+                            f"(T = {self.frames_number}, the folder's frames_number; two polarities)")
+        frames = torch.from_numpy(frames.astype(np.float32))
         if self.image_size and frames.shape[-1] != self.image_size:
             frames = F.interpolate(frames, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False)
         return frames, self.targets[index]
 
 
-def _frame_folder(root: Path, frames_number: int | None, split_by: str) -> Path:
+def _frame_folder(root: Path, frames_number: int | None, split_by: str) -> tuple[Path, int]:
+    """The ``frames_number_<T>_split_by_<how>`` folder to read, and its T."""
     pattern = re.compile(rf"frames_number_(\d+)_split_by_{re.escape(split_by)}$")
     found = {int(m.group(1)): p for p in (root.iterdir() if root.is_dir() else []) if (m := pattern.match(p.name))}
     if frames_number is not None and frames_number in found:
-        return found[frames_number]
+        return found[frames_number], frames_number
     if frames_number is None and len(found) == 1:
-        return next(iter(found.values()))
+        return next(iter(found.values())), next(iter(found))
     raise DataError(f"{root} has {'no' if not found else 'several'} frames_number_<T>_split_by_{split_by} folders "
                     f"({', '.join(sorted(p.name for p in found.values())) or 'none'}); convert the events with "
                     "SpikingJelly (frames_number=T, split_by=...) or give data.args.frames_number")
@@ -295,7 +373,7 @@ def dvs_frames(root: str | Path, frames_number: int | None = None, split_by: str
     ``val_fraction`` of train is held out; with class folders only (CIFAR10-DVS) the
     samples are split at random. Batches are time-major ``[T, N, 2, H, W]``.
     """
-    folder = _frame_folder(Path(root), frames_number, split_by)
+    folder, frames_number = _frame_folder(Path(root), frames_number, split_by)
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         files, labels, classes = _frame_files(folder / "train")
         test_files, test_labels, _ = _frame_files(folder / "test", classes)
@@ -306,5 +384,5 @@ def dvs_frames(root: str | Path, frames_number: int | None = None, split_by: str
         files, labels, classes = _frame_files(folder)
         splits = [(_pick(files, i), _pick(labels, i))
                   for i in _random_split(len(files), val_fraction, test_fraction, seed)]
-    train, val, test = (FrameFiles(f, y, image_size) for f, y in splits)
+    train, val, test = (FrameFiles(f, y, frames_number, image_size) for f, y in splits)
     return Datasets(train, val, test, len(classes), augment=crop_and_flip(padding=4), time_major=True)

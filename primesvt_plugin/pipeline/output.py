@@ -2,9 +2,10 @@
 
 Rules (docs/reliability.md):
 
-* a run only replaces a folder that a previous run wrote (it holds a run's
-  ``report.json``) or an empty one; the working folder, a folder above it, a
-  file or a mount point are refused before anything runs;
+* a run only replaces an empty folder or one holding nothing but the files a
+  previous run wrote (its ``report.json`` lists them); the working folder, a
+  folder above it, a file or a mount point are refused before anything runs,
+  and what is at ``out`` is judged again, after being renamed aside, at the end;
 * one run at a time per output path: a lock next to it names the holder;
 * files appear at the end, in one rename; a failed or interrupted run removes
   its scratch folder and the parent folders it created, and leaves a previous
@@ -38,14 +39,37 @@ def umask_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
-def is_previous_run(folder: Path) -> bool:
-    """Whether ``folder`` is the output of a primesvt run (its report.json says so)."""
+def _manifest(folder: Path) -> set[str] | None:
+    """The files a run wrote into ``folder`` (its report.json's ``files``), or None when no run's report is there."""
     try:
         report = json.loads((folder / REPORT).read_text())
     except (OSError, ValueError):
-        return False
-    # 0.1.0 wrote no format field; its reports are recognised by their sections.
-    return isinstance(report, dict) and (report.get("format") == RUN_FORMAT or {"stages", "recipe_data"} <= set(report))
+        return None
+    files = report.get("files") if isinstance(report, dict) and report.get("format") == RUN_FORMAT else None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return set(files)
+
+
+def foreign_entry(folder: Path) -> str | None:
+    """What in ``folder`` a run did not write, in words (None: the folder is empty, or holds only the
+    files its run's report.json lists, so a new run may replace it)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return f"{folder} is {'a link' if folder.is_symlink() else 'not a folder'}"
+    entries = []
+    for parent, folders, files in os.walk(folder):  # links are entries, never followed
+        entries += [Path(parent, name).relative_to(folder) for name in folders + files]
+    if not entries:
+        return None
+    manifest = _manifest(folder)
+    why = f"no run's {REPORT} lists its files" if manifest is None else f"not one of the files its run's {REPORT} lists"
+    manifest = manifest or set()
+    listed_folders = {str(parent) for name in manifest for parent in Path(name).parents}
+    for entry in sorted(entries):
+        is_folder = Path(folder, entry).is_dir() and not Path(folder, entry).is_symlink()
+        if str(entry) not in (listed_folders if is_folder else manifest):
+            return f"{entry}: {why}"
+    return None
 
 
 def check_output(out: Path) -> Path:
@@ -61,9 +85,10 @@ def check_output(out: Path) -> Path:
             raise OutputError(f"out {given!r} is a file; name a folder")
         if os.path.ismount(out):
             raise OutputError(f"out {given!r} is a mount point; name a folder inside it")
-        if any(out.iterdir()) and not is_previous_run(out):
-            raise OutputError(f"out {given!r} exists and is not the output of a primesvt run (no run's "
-                              f"{REPORT} in it); name a new folder, or move it away yourself")
+        foreign = foreign_entry(out)
+        if foreign:
+            raise OutputError(f"out {given!r} exists and is not only a previous run's output ({foreign}); "
+                              "name a new folder, or move it away yourself")
     existing = next(p for p in [out, *out.parents] if p.exists())
     if not existing.is_dir():
         raise OutputError(f"out {given!r}: {existing} is a file, not a folder")
@@ -144,15 +169,39 @@ def staged_output(out: Path) -> Iterator[Path]:
 
 
 def _replace(stage: Path, out: Path) -> None:
-    """Move ``stage`` to ``out``, replacing a previous run; on failure say where the finished output is."""
+    """Move ``stage`` to ``out``, replacing a previous run's output; refuse anything else that is there now.
+
+    Whatever sits at ``out`` is first renamed aside (atomically) and judged there, so what is
+    judged is what gets removed: a folder created or filled while the run worked is put back and
+    the run refused, never deleted. Every refusal says where the finished output is.
+    """
+    kept = f"; the finished output is in {stage}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
-        if out.exists():
-            os.replace(out, old)
-        os.replace(stage, out)
+        os.rename(out, old)
+    except FileNotFoundError:
+        old = None
     except OSError as error:
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise OutputError(f"the run finished but could not be moved to {out} ({error.strerror}); "
-                          f"the finished output is in {stage}") from None
-    shutil.rmtree(old, ignore_errors=True)
+        raise OutputError(f"out {str(out)!r} could not be moved aside ({error.strerror}){kept}") from None
+    if old is not None:
+        foreign = foreign_entry(old)
+        if foreign:
+            _put_back(old, out)
+            raise OutputError(f"out {str(out)!r} changed while the run worked and is not only a previous run's "
+                              f"output now ({foreign}); it was left as it is{kept}")
+    try:
+        os.rename(stage, out)  # fails when a non-empty folder appeared at out meanwhile
+    except OSError as error:
+        where = "" if old is None or _put_back(old, out) else f"; the previous output is in {old}"
+        raise OutputError(f"the run finished but could not be moved to {out} ({error.strerror}){where}{kept}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _put_back(old: Path, out: Path) -> bool:
+    """Rename ``old`` back to ``out``; whether that worked (not when something took ``out`` meanwhile)."""
+    try:
+        os.rename(old, out)
+        return True
+    except OSError:
+        return False

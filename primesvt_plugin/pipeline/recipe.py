@@ -7,14 +7,43 @@ leave it; ``out`` is resolved against the working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+import re
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
-from ..errors import RecipeError
+from ..errors import RecipeError, shorten
 
 DATA_PATH_ARGS = ("path", "root")
+
+
+def _whole_bytes(value: Any) -> Any:
+    """A byte count as written (53976, 53976.0, '50KB', '1.5KiB') as whole bytes; refuses what is not one
+    (true / false, 53976.7, '1.0005KB'), where pydantic's ByteSize would read 1 or round down silently."""
+    if value is None or isinstance(value, ByteSize):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"a byte count is a number, not {str(value).lower()}")
+    if isinstance(value, (int, float)):
+        exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    elif isinstance(value, str) and (match := re.fullmatch(r"\s*(\d*\.?\d+)\s*([A-Za-z]+)?\s*", value)):
+        scalar, unit = match.groups()
+        if (unit or "b").lower() not in ByteSize.byte_sizes:
+            raise ValueError(f"unknown byte unit {unit!r} (B, KB, KiB, MB, MiB, ...)")
+        exact = Decimal(scalar) * Decimal(str(ByteSize.byte_sizes[(unit or "b").lower()]))
+    else:
+        raise ValueError(f"a byte count is a number or a size such as '50KB' or '50KiB', got {shorten(repr(value), 60)}")
+    if exact <= 0:
+        raise ValueError(f"a byte count is positive, got {shorten(str(value), 60)}")
+    if exact != exact.to_integral_value():
+        raise ValueError(f"{shorten(str(value), 60)} is {exact} bytes: a byte count is a whole number of bytes")
+    return int(exact)
+
+
+Bytes = Annotated[ByteSize, BeforeValidator(_whole_bytes)]
 
 
 class Section(BaseModel):
@@ -65,11 +94,11 @@ class PruneSection(Section):
     memory_saving: float = Field(0.2668, ge=0, lt=1, description="wanted fraction of memory saved (0 when only "
                                                                   "budgets are given)")
     memory: Literal["parameters", "footprint"] = Field("parameters", description="what memory_saving measures")
-    flash_budget: ByteSize | None = Field(None, gt=0, description="most bytes of weights on the device (53976, "
+    flash_budget: Bytes | None = Field(None, gt=0, description="most bytes of weights on the device (53976, "
                                                                   "'50KB' = 50,000, '50KiB' = 51,200), at the "
                                                                   "quantizer's precision (nncf_int8: INT8, "
                                                                   "nncf_int4: INT4/INT8) or FP32 without quantize")
-    ram_budget: ByteSize | None = Field(None, gt=0, description="most bytes of neuron state + buffers + the "
+    ram_budget: Bytes | None = Field(None, gt=0, description="most bytes of neuron state + buffers + the "
                                                                 "largest layer output, one sample (attention's "
                                                                 "matrix products not counted); activations at "
                                                                 "1 B under nncf_int8, 4 B under nncf_int4 "
@@ -238,6 +267,26 @@ def find_recipe(name_or_path: str | Path) -> Path:
     return shipped[path.name]
 
 
+# A recipe is a few dozen values; YAML aliases can make a small file expand to billions ("billion laughs"),
+# which every later step (validation, reports, error messages) would walk.
+MAX_RECIPE_VALUES = 100_000
+
+
+def _exceeds(data: Any, limit: int) -> bool:
+    """Whether ``data``, with every alias expanded, holds more than ``limit`` values (stops counting there)."""
+    pending, seen = [data], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            pending += value
+    return False
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; errors are one line naming the file and field."""
     path = Path(path)
@@ -254,6 +303,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     data = apply_overrides(data, list(overrides))
+    if _exceeds(data, MAX_RECIPE_VALUES):
+        raise RecipeError(f"{path}: the recipe expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases "
+                          "repeating aliases?); write the values out, or use fewer aliases")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:

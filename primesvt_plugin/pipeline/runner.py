@@ -32,7 +32,7 @@ import torch.nn as nn
 from .. import distributed
 from ..deploy.export import Verification, cpu_description
 from ..deploy.latency import model_latency_ms
-from ..errors import ArgumentError, DataError, InputError, PluginError, RecipeError, first_line
+from ..errors import ArgumentError, DataError, InputError, PluginError, RecipeError, first_line, shorten
 from ..plugins import build_model, get_plugin_manager, registries, resolve_builder
 from ..pruning.energy import estimate_energy
 from ..pruning.memory import FP32, INT8, Deployment, flash_bytes, footprint
@@ -152,11 +152,16 @@ def probe(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) ->
     example = data.example()
     _check_data_layout(recipe, data, pm, where)
     try:
-        fresh_forward(model, to_model_device(model, example))
+        output = fresh_forward(model, to_model_device(model, example))
     except Exception as error:
         first = first_line(error)
         raise RecipeError(f"{where}: model.args: {recipe.model.name} does not run on {recipe.data.name} images of "
                           f"shape {tuple(example.shape)}: {first}") from None
+    scores = class_scores(output) if isinstance(output, torch.Tensor) else None
+    if scores is not None and scores.shape[-1] < data.num_classes:
+        raise RecipeError(f"{where}: model.args: {recipe.model.name} gives {scores.shape[-1]} class scores, but "
+                          f"dataset {recipe.data.name!r} has {data.num_classes} classes; build the model with "
+                          f"{data.num_classes} outputs (e.g. num_classes: {data.num_classes})")
     return Probe(data, model, example)
 
 
@@ -188,7 +193,7 @@ def _load_data(recipe: Recipe, pm) -> Datasets:
     except Exception as error:  # a plugin's loader: say which field to look at
         first = first_line(error)
         raise DataError(f"{recipe.source or 'recipe'}: data.args: dataset {recipe.data.name!r} failed with "
-                        f"{dict(recipe.data.args)}: {first}") from None
+                        f"{shorten(repr(dict(recipe.data.args)), 200)}: {first}") from None
 
 
 def _predict_accuracy(artifact, loader) -> float:
@@ -226,7 +231,11 @@ def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager
                       "meta": _resume_meta(recipe, probed.model)}
         if resume:  # a checkpoint of another recipe is refused now, not after training and pruning
             check_resumable(checkpoint["checkpoint"], checkpoint["meta"])
-        report = _run(recipe, probed, stage, pm, progress, checkpoint)
+        try:
+            report = _run(recipe, probed, stage, pm, progress, checkpoint)
+        except InputError as error:  # bad input found while running (a bad file deep in the data)
+            error.while_running = True
+            raise
         report["seconds"] = time.perf_counter() - started
         written = {str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()}
         report["files"] = sorted(written | {"report.json", "report.md"})
@@ -326,7 +335,8 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
                        "latency_ms": artifact.latency_ms(example.numpy()),
                        "inference_precision": getattr(artifact, "compiled_precision", None),
                        # the same operations at the deployment's costs (op_counter cannot run an OpenVINO model)
-                       "energy": estimate_energy(model, energy_images, deployment.energy_precision).as_dict()})
+                       "energy": estimate_energy(model, energy_images, deployment.energy_precision,
+                                                 deployment).as_dict()})
         if recipe.prune:  # the embedded budget: pruning + quantization
             checks[f"{deployment.name} weights <= {q.max_weight_fraction:.0%} of unpruned fp32 params"] = {
                 "ok": weight_bytes <= q.max_weight_fraction * param_bytes,

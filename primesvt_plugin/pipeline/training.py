@@ -215,15 +215,16 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3, w
     if amp and not autocast:
         log.info("amp: mixed precision runs on CUDA only; training on the %s in float32", device.type)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # under torchrun: this rank's shard of every batch, and the model wrapped to average gradients over the
+    # ranks; the schedule is planned on the steps taken, which are the sharded loader's
+    loader, sampler, trained = distributed.data_parallel(model, loader, seed)
     steps = len(loader)
     scheduler = lr_scheduler(optimizer, epochs * steps, warmup_epochs * steps, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast)
-    step = _Step(model, optimizer, scheduler, scaler, distill, autocast)
+    step = _Step(trained, optimizer, scheduler, scaler, distill, autocast)
     settings = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "seed": seed, "schedule": schedule,
                 "warmup_epochs": warmup_epochs, "steps_per_epoch": steps, "amp": autocast,
                 "distill": None if distill is None else [distill.weight, distill.temperature]}
-    loader, sampler, trained = distributed.data_parallel(model, loader, seed)
-    step.model = trained  # DistributedDataParallel under torchrun: gradients averaged over the ranks
     state = TrainingState(model, optimizer, scheduler, scaler, loader)
     losses: list[float] = []
     if checkpoint is not None and resume:

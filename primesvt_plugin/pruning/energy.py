@@ -23,6 +23,7 @@ from spikingjelly.activation_based.op_counter import SimpleEnergyConfig, SimpleE
 from spikingjelly.activation_based.op_counter.simple_energy import SimpleEnergyProfiler
 
 from ..errors import ArgumentError
+from .memory import Deployment, quantized_weights
 from .spiking import has_time_axis, inference, overridden_forward
 
 PRECISIONS = {"fp32": SimpleEnergyCostConfig.fp32, "fp16": SimpleEnergyCostConfig.fp16,
@@ -80,20 +81,62 @@ def _profiled(model: nn.Module, images: torch.Tensor, precision: str) -> tuple[S
     return profiler, 1.0 / (images.shape[1] if has_time_axis(model, images) else len(images))
 
 
-def estimate_energy(model: nn.Module, images: torch.Tensor, precision: str = "fp32") -> Energy:
-    """Operations and energy per image of ``model`` on ``images`` (one batch), at ``precision``."""
+def estimate_energy(model: nn.Module, images: torch.Tensor, precision: str = "fp32",
+                    deployment: Deployment | None = None) -> Energy:
+    """Operations and energy per image of ``model`` on ``images`` (one batch), at ``precision``.
+
+    op_counter counts memory traffic in the bytes PyTorch holds each tensor in (4 B per float32
+    entry); with ``deployment`` each parameter and the neuron state are counted at the bytes the
+    deployed model stores them in instead (INT8 weights 1 B, INT4 matmul weights 0.5 B, batch
+    norms folded away under INT8), which is what a quantized stage's traffic is.
+    """
     profiler, per_image = _profiled(model, images, precision)
     report = profiler.get_report()
-    counts = report.counts
+    counts, breakdown = dict(report.counts), dict(report.breakdown_pj)
+    if deployment is not None:
+        counts.update(_deployed_traffic(model, profiler, deployment))
+        cost = profiler.config.cost_config
+        parameters = counts["weight_read_bytes"] + counts["bias_read_bytes"]
+        state = counts["neuron_state_read_bytes"] + counts["neuron_state_write_bytes"]
+        counts["memory_access_bytes"] = parameters + state
+        breakdown.update(parameter_memory_pj=parameters * cost.e_memory_pj_per_byte,
+                         neuron_state_memory_pj=state * cost.e_memory_pj_per_byte,
+                         memory_pj=(parameters + state) * cost.e_memory_pj_per_byte)
+    memory_pj = breakdown["memory_pj"]
     return Energy(precision=precision, macs=counts["mac"] * per_image,
                   synaptic_ops=(counts["ac"] + counts.get("synop", 0)) * per_image,
                   memory_access_bytes=counts["memory_access_bytes"] * per_image,
-                  energy_pj=report.energy_total_pj * per_image, compute_pj=report.energy_compute_pj * per_image,
-                  memory_pj=report.energy_memory_pj * per_image, spike_rates=spike_rates(model, images),
-                  breakdown_pj={term: pj * per_image for term, pj in report.breakdown_pj.items()})
+                  energy_pj=(report.energy_compute_pj + memory_pj) * per_image,
+                  compute_pj=report.energy_compute_pj * per_image, memory_pj=memory_pj * per_image,
+                  spike_rates=spike_rates(model, images),
+                  breakdown_pj={term: pj * per_image for term, pj in breakdown.items()})
 
 
 MEMORY_COUNTS = ("weight_read_bytes", "bias_read_bytes", "neuron_state_read_bytes", "neuron_state_write_bytes")
+STATE_COUNTS = MEMORY_COUNTS[2:]
+
+
+def _deployed_traffic(model: nn.Module, profiler: SimpleEnergyProfiler, deployment: Deployment) -> dict[str, float]:
+    """op_counter's parameter and neuron-state traffic, counted at ``deployment``'s bytes per entry."""
+    traffic = profiler.memory_counter.get_counts()
+    total = {key: float(traffic.get("Global", {}).get(key, 0)) for key in MEMORY_COUNTS}
+    quantized = quantized_weights(model, deployment)
+    prefix = type(model).__name__
+    for name, module in model.named_modules():
+        counts = traffic.get(f"{prefix}.{name}" if name else prefix, {})
+        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+        layer_quantized = weight is not None and id(weight) in quantized
+        for key, tensor in (("weight_read_bytes", weight), ("bias_read_bytes", bias)):
+            if tensor is None or not counts.get(key):
+                continue
+            if layer_quantized:  # a quantized layer's weight at its precision; its bias stays as it is
+                entry_bytes = quantized[id(weight)][1] if tensor is weight else tensor.element_size()
+            else:  # batch norms and other parameters: other_bytes (0 under INT8: folded into the layer)
+                entry_bytes = deployment.other_bytes
+            total[key] += counts[key] * (entry_bytes / tensor.element_size() - 1)
+    for key in STATE_COUNTS:  # membrane potentials are float32 in PyTorch
+        total[key] *= deployment.activation_bytes / 4
+    return total
 
 
 def layer_energy_pj(model: nn.Module, images: torch.Tensor, precision: str = "fp32") -> dict[nn.Module, float]:
