@@ -123,8 +123,10 @@ def test_a_failing_rank_stops_the_run_with_one_line_naming_it_and_nothing_is_wri
     result = torchrun("run", str(tmp_path / "flaky.yaml"), "--out", str(tmp_path / "out"), "--quiet", "--allow-code")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("primesvt: error:")]
-    assert errors and all(line.startswith("primesvt: error: rank 1: ") for line in errors), result.stderr[-2000:]
-    assert "this rank's disk is full" in errors[0]
+    # rank 0 either is stopped by torchrun (silent) or notices first that rank 1 is gone (one line saying so)
+    own = [line for line in errors if "another process of this run stopped first" not in line]
+    assert len(own) == 1 and own[0].startswith("primesvt: error: rank 1: "), result.stderr[-2000:]
+    assert "this rank's disk is full" in own[0] and len(errors) <= 2
     assert not (tmp_path / "out").exists()
 
 
