@@ -109,7 +109,7 @@ def baseline_plan(method: str, model, x, target: float, seed: int = 0):
     make = {"uniform L2 (all groups)": uniform, "global L2": global_threshold,
             "random": lambda ratio: uniform(ratio, random_scores)}[method]
     plan = smallest_plan_reaching(lambda p: predicted_saving(graph, groups, p, before), make, target)
-    apply_plan(model, x, groups, plan)
+    apply_plan(graph, plan, groups)
     return model
 
 

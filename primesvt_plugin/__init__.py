@@ -17,14 +17,14 @@ from .pruning.importance import MemoryAwareImportance
 from .pruning.memory import FP32, INT4, INT8, Deployment, Footprint, footprint
 from .pruning.policy import PrimeReport, PrimeResult, prime
 from .pruning.pruner import SpikingPruner, spiking_pruner_kwargs, verified_step
-from .serialization import load_pruned, save_pruned
+from .serialization import load_checkpoint, load_pruned, save_pruned
 
 __all__ = [
     # pruning
     "AttentionLayout", "Deployment", "FP32", "Footprint", "INT4", "INT8", "MemoryAwareImportance", "PrimeReport", "PrimeResult", "PruningGroup",
     "SpikingGraph", "SpikingPruner", "footprint", "prime", "spiking_pruner_kwargs", "verified_step",
     # saving and loading
-    "load_pruned", "load_quantized", "save_pruned",
+    "load_checkpoint", "load_pruned", "load_quantized", "save_pruned",
     # plugins
     "DataSplits", "Datasets", "OpenVINOArtifact", "Registrar", "Registry", "Verification", "build_model", "digits_splits",
     "exportable", "get_plugin_manager", "hookimpl", "new_plugin_manager", "nncf_int4", "nncf_int8", "onnx_int8", "quantize_int8",

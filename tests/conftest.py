@@ -14,7 +14,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from primesvt_plugin.pruning.attention import AttentionLayout
 from primesvt_plugin.plugins import build_model
-from primesvt_plugin.pruning.spiking import fresh_forward
+from primesvt_plugin.pruning.spiking import first_tensor, fresh_forward
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl
 
 # Builder name (registered by our builtins) -> arguments of a CPU-test-sized model.
@@ -83,3 +83,35 @@ class BreaksThirdNeuron:
         if self.calls == 3:
             raise RuntimeError("simulated failure inside a structural change")
         return None
+
+
+@pytest.fixture
+def masked_equals_pruned():
+    """``check(model, x, rates)``: mask, then prune, every group at its rate (``rates`` by group name, 0.5 for the
+    others); the pruned model gives the masked one's outputs and the INT8 ledger predicted its footprint."""
+    import torch_pruning as tp
+
+    from primesvt_plugin.pruning.masking import Masks
+    from primesvt_plugin.pruning.memory import INT8, LedgerState, footprint, layer_outputs
+    from primesvt_plugin.pruning.pruner import apply_plan
+    from primesvt_plugin.pruning.graph import SpikingGraph
+
+    def check(model, x, rates: dict[str, float]) -> dict[str, list[int]]:
+        graph = SpikingGraph(model, x)
+        groups = {g.name: g for g in graph.groups()}
+        importance = tp.importance.GroupMagnitudeImportance(p=2)
+        plan = {name: g.select(importance(g.importance_group), g.removable(rates.get(name, 0.5)))
+                for name, g in groups.items()}
+        masks, ledger = Masks(), LedgerState(model, graph.state_bytes, layer_outputs(model, x), INT8)
+        for name, group in groups.items():
+            masks.trial(group.channel_ops(plan[name]))
+            masks.commit()
+            for op in group.channel_ops(plan[name]):
+                ledger.remove(op)
+        masked = first_tensor(fresh_forward(model, x))
+        masks.clear()
+        apply_plan(graph, plan, list(groups.values()))
+        torch.testing.assert_close(first_tensor(fresh_forward(model, x)), masked, rtol=1e-5, atol=1e-5)
+        assert ledger.footprint() == footprint(model, x, INT8)
+        return plan
+    return check

@@ -12,22 +12,51 @@ from primesvt_plugin import hookspecs
 from primesvt_plugin.pruning.attention import AttentionLayout
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNNABLE_DOCS = ["README.md", "docs/plugins.md"]
+RUNNABLE_DOCS = ["README.md", "docs/plugins.md", "docs/models.md"]
 
 
 def python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", path.read_text(), re.S | re.M)
 
 
+def claim_holds(printed: str, claim: str) -> bool:
+    """Whether ``print(...)  # claim`` printed what its comment says: the claim starts with the printed text (an
+    explanation may follow after ': ' or ' '), or, ending in '...', the printed text starts with it. A claim
+    starting with 'e.g.' is an example of what this machine's numerics print, not checked."""
+    if claim.startswith("e.g."):
+        return True
+    if claim.endswith("..."):
+        return printed.startswith(claim[:-3].rstrip())
+    return claim == printed or (claim.startswith(printed) and claim[len(printed)] in ": (")
+
+
 @pytest.mark.parametrize("doc", RUNNABLE_DOCS)
-def test_python_blocks_run_as_written(doc, monkeypatch, capsys):
-    """Every ```python block of the file, in order, in one namespace, as a user pasting them would."""
+def test_python_blocks_run_as_written_and_print_what_their_comments_say(doc, monkeypatch, capsys):
+    """Every ```python block of the file, in order, in one namespace, as a user pasting them would; every
+    ``print(...)  # comment`` prints what its comment claims."""
     blocks = python_blocks(ROOT / doc)
     assert blocks, f"{doc} has no python examples"
     monkeypatch.chdir(ROOT)
-    namespace = {"__name__": "__main__"}
+    printed: list[tuple[str, int, str]] = []
+
+    def recording_print(*values, sep=" ", end="\n", **kwargs):
+        frame = inspect.currentframe().f_back
+        printed.append((frame.f_code.co_filename, frame.f_lineno, sep.join(map(str, values))))
+
+    namespace = {"__name__": "__main__", "print": recording_print}
+    claims = {}
     for number, block in enumerate(blocks, 1):
-        exec(compile(block, f"{doc} python block {number}", "exec"), namespace)
+        name = f"{doc} python block {number}"
+        claims.update({(name, line): match.group(1) for line, text in enumerate(block.splitlines(), 1)
+                       if (match := re.search(r"^\s*print\(.*\)\s*#\s*(.+)$", text))})
+        exec(compile(block, name, "exec"), namespace)
+    checked = set()
+    for where, line, text in printed:
+        claim = claims.get((where, line))
+        if claim is not None:
+            assert claim_holds(text, claim), f"{where}, line {line} printed {text!r}; its comment says {claim!r}"
+            checked.add((where, line))
+    assert checked == set(claims), f"prints never run: {sorted(set(claims) - checked)}"
 
 
 def test_readme_uses_the_package_api_and_links_the_method():

@@ -252,16 +252,18 @@ class TinySViT(nn.Module):
         return self.head(x.mean(-1)).mean(0)
 
 
-def test_attention_without_layout_is_refused_by_name(images):
+def test_hand_written_attention_is_inferred_untied_and_its_head_dim_follows(images):
+    """Its forward reshapes heads with its own ``head_dim``: the q/k/v width is a group of its own."""
     torch.manual_seed(0)
     model = TinySViT()
-    before_out, state = run(model, images), {k: v.clone() for k, v in model.state_dict().items()}
     for make in (SpikingGraph, spiking_pruner_kwargs):
-        with pytest.raises(UnhandledLayerError, match=r"'attn' \(.*HandWrittenSSA\).*num_heads, head_dim.*"
-                                                      r"primesvt_attention_layout"):
-            make(model, images)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert torch.equal(run(model, images), before_out)
+        make(model, images)  # no plugin, no layout: inferred
+    graph = SpikingGraph(model, images)
+    assert not graph.layouts[model.attn].tied
+    assert {g.name: (g.size, g.channel_groups) for g in graph.groups()} == {"embed": (64, 1), "attn:qkv": (64, 4)}
+    plan = SpikingPruner(model, images, pruning_ratio=0.5).step()
+    assert len(plan["attn:qkv"]) == 32 and model.attn.head_dim == 8 and model.attn.q_conv.out_channels == 32
+    assert run(model, images).shape == (2, 10)
 
 
 # -- prime(): arguments, evaluate's values, chance-level baselines ---------------------

@@ -135,7 +135,7 @@ def test_masking_equals_pruning_and_ledger_predicts_memory(name, images):
             ledger.remove(op)
     masked_out, predicted = run(model, images), ledger.footprint()
     masks.clear()
-    apply_plan(model, images, groups, plan)
+    apply_plan(graph, plan, groups)
     torch.testing.assert_close(run(model, images), masked_out, rtol=1e-4, atol=1e-4)
     assert predicted == footprint(model, images)
 

@@ -110,6 +110,24 @@ def test_recipe_variants_run(recipe, tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in loaded_model.state_dict().items())
 
 
+def test_a_model_ported_from_its_authors_runs_every_stage_with_no_plugin(tmp_path):
+    """docs/models.md's worked example: an SDT-shaped model (tuple outputs, residuals inside its blocks,
+    an MLP reading self.c_hidden) through train, prune, fine-tune, INT8, ONNX and OpenVINO."""
+    out = tmp_path / "run"
+    assert run_cli("bring_your_own", "--out", str(out), "--allow-code") == 0
+    report = read_report(out)
+    assert report["model_output"] == "a tuple (tensor, NoneType): its first tensor is read"
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "pruned + finetuned", "nncf_int8"]
+    assert report["stages"][0]["test_accuracy"] > 0.9 and report["prune"]["pruned"]["parameter_saving"] >= 0.25
+    assert set(report["export_checks"]) == {"ONNX export", "OpenVINO export"}
+    assert all(check["agreement"] >= 0.995 for check in report["export_checks"].values())
+    loaded = load_pruned(out / "model.pt", trust_code=True, search_path=RECIPES)  # width attributes replayed too
+    mlp = loaded.block[0].mlp
+    assert mlp.c_hidden == mlp.fc1_conv.out_channels < 256
+    x = torch.from_numpy(digits_splits(image_size=16).x_test[:4])
+    assert loaded(x)[0].shape == (4, 10)
+
+
 def test_overrides_reach_the_run(tmp_path):
     out = tmp_path / "o"
     assert run_cli(str(RECIPES / "prune_only.yaml"), "--out", str(out), *LEARNED,

@@ -385,7 +385,7 @@ def test_ledger_prediction_equals_the_measured_footprint_on_a_device(device, ima
     x = images.to(device)
     masked, predicted = fresh_forward(model, x), ledger.footprint()
     masks.clear()
-    apply_plan(model, images, groups, plan)
+    apply_plan(graph, plan, groups)
     assert predicted == footprint(model, images) and predicted.param_bytes < footprint(build("spikformer"), images).param_bytes
     torch.testing.assert_close(fresh_forward(model, x), masked, rtol=1e-4, atol=1e-4)
 

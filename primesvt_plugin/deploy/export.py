@@ -23,8 +23,8 @@ from spikingjelly.activation_based import functional
 
 from ..errors import ArgumentError, ExportError, first_line
 from ..plugins import get_plugin_manager
-from ..pruning.spiking import (class_scores, fresh_forward, inference, model_device, overridden_forward,
-                               stateful_modules, to_model_device)
+from ..pruning.spiking import (class_scores, first_tensor, fresh_forward, inference, model_device,
+                               overridden_forward, stateful_modules, to_model_device)
 
 
 def cpu_model(model: nn.Module) -> nn.Module:
@@ -34,7 +34,8 @@ def cpu_model(model: nn.Module) -> nn.Module:
 
 
 class FreshStateModel(nn.Module):
-    """Runs the wrapped spiking model from a reset state: what exporters should trace."""
+    """Runs the wrapped spiking model from a reset state and returns its one output tensor (the first of
+    a tuple such as SDT's ``(logits, hook)``): what exporters should trace."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -42,7 +43,7 @@ class FreshStateModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         functional.reset_net(self.model)
-        return self.model(x)
+        return first_tensor(self.model(x))
 
 
 @contextlib.contextmanager
@@ -125,7 +126,7 @@ def predict_torch(model: nn.Module, images: np.ndarray, batch_size: int = 128, t
     """The PyTorch model's own outputs (SpikingJelly kernels, fresh state per batch) on ``images``
     (``time_major``: event frames ``[T, N, ...]``, batched along N)."""
     def run(batch: np.ndarray) -> np.ndarray:
-        return fresh_forward(model, to_model_device(model, torch.from_numpy(batch))).cpu().numpy()
+        return first_tensor(fresh_forward(model, to_model_device(model, torch.from_numpy(batch)))).cpu().numpy()
 
     return (predict_frame_batches if time_major else predict_batches)(run, images, batch_size)
 

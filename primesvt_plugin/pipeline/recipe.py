@@ -53,7 +53,11 @@ class Section(BaseModel):
 class ModelSection(Section):
     name: str = Field(description="registered builder (e.g. spikformer) or 'package.module:function'")
     args: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: Path | None = Field(None, description="state dict (.pt) of the unpruned model")
+    checkpoint: Path | None = Field(None, description="weights of the unpruned model: a state dict, or a training "
+                                                      "checkpoint holding one under state_dict, model or module "
+                                                      "(timm's, MAE's); a 'module.' prefix is removed")
+    output: int | None = Field(None, ge=0, description="a model returning a tuple: the index of the output tensor "
+                                                       "(the class scores); default: its first tensor")
 
 
 class DataSection(Section):

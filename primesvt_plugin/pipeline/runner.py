@@ -38,8 +38,9 @@ from ..pruning.energy import estimate_energy
 from ..pruning.memory import FP32, INT8, Deployment, flash_bytes, footprint
 from ..pruning.policy import prime
 from ..pruning.pruner import SpikingPruner
-from ..pruning.spiking import class_scores, fresh_forward, model_device, to_model_device
-from ..serialization import load_state_dict_file, save_pruned
+from ..pruning.spiking import (class_scores, describe_output, first_tensor, fresh_forward, model_device, read_output,
+                               to_model_device)
+from ..serialization import load_checkpoint, save_pruned
 from .data import Datasets, as_datasets
 from .output import RUN_FORMAT, resume_folder, staged_output
 from .recipe import Recipe
@@ -133,6 +134,7 @@ class Probe:
     data: Datasets
     model: nn.Module
     example: torch.Tensor
+    output: str = "one tensor"  # what the model returns, and which tensor the run reads (the report says it)
 
 
 def probe(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) -> Probe:
@@ -144,7 +146,7 @@ def probe(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) ->
     except PluginError as error:
         raise RecipeError(f"{where}: model.args: {error}") from None
     if recipe.model.checkpoint is not None:
-        load_state_dict_file(model, recipe.input_files()["model.checkpoint"])
+        load_checkpoint(model, recipe.input_files()["model.checkpoint"])
     try:
         model.to(resolve_device(recipe.device))  # the example stays on the CPU: who runs it moves it
     except ArgumentError as error:
@@ -157,12 +159,31 @@ def probe(recipe: Recipe, pm: pluggy.PluginManager, allow_code: bool = False) ->
         first = first_line(error)
         raise RecipeError(f"{where}: model.args: {recipe.model.name} does not run on {recipe.data.name} images of "
                           f"shape {tuple(example.shape)}: {first}") from None
-    scores = class_scores(output) if isinstance(output, torch.Tensor) else None
-    if scores is not None and scores.shape[-1] < data.num_classes:
-        raise RecipeError(f"{where}: model.args: {recipe.model.name} gives {scores.shape[-1]} class scores, but "
-                          f"dataset {recipe.data.name!r} has {data.num_classes} classes; build the model with "
-                          f"{data.num_classes} outputs (e.g. num_classes: {data.num_classes})")
-    return Probe(data, model, example)
+    described, output = _read_output(recipe, model, output, where)
+    if class_scores(output).shape[-1] < data.num_classes:
+        raise RecipeError(f"{where}: model.args: {recipe.model.name} gives {class_scores(output).shape[-1]} class "
+                          f"scores, but dataset {recipe.data.name!r} has {data.num_classes} classes; build the model "
+                          f"with {data.num_classes} outputs (e.g. num_classes: {data.num_classes})")
+    return Probe(data, model, example, described)
+
+
+def _read_output(recipe: Recipe, model: nn.Module, output, where) -> tuple[str, torch.Tensor]:
+    """``(what the model returns, in words; the tensor the run reads)``; with ``model.output`` the model is set
+    to answer that element of its tuple from now on (``spiking.read_output``)."""
+    index = recipe.model.output
+    if index is None:
+        tensor = first_tensor(output)
+        if not isinstance(tensor, torch.Tensor):
+            raise RecipeError(f"{where}: model.name: {recipe.model.name} returns a {type(output).__name__} holding no "
+                              "tensor; a model must return its class scores (or a tuple holding them)")
+        return describe_output(output), tensor
+    if not isinstance(output, (tuple, list)) or index >= len(output) or not isinstance(output[index], torch.Tensor):
+        what = "one tensor" if isinstance(output, torch.Tensor) else f"a {type(output).__name__} of {len(output)}" \
+            if isinstance(output, (tuple, list)) else f"a {type(output).__name__}"
+        raise RecipeError(f"{where}: model.output: {index} names no tensor of what {recipe.model.name} returns "
+                          f"({what}); remove model.output, or give the index of the class scores")
+    read_output(model, index)
+    return f"a {type(output).__name__} of {len(output)}: element {index} is read (model.output)", output[index]
 
 
 def recipe_folder(recipe: Recipe) -> Path | None:
@@ -259,7 +280,7 @@ def _run(recipe: Recipe, probed: Probe, stage: Path, pm, progress: bool, checkpo
     stages, checks = [], {}
     report = {"format": RUN_FORMAT, "recipe": str(recipe.source), "finished": None, "stages": stages,
               "checks": checks, "warnings": [], "recipe_data": recipe.model_dump(mode="json"),
-              "environment": {"cpu": cpu_description(), "torch": torch.__version__}}
+              "model_output": probed.output, "environment": {"cpu": cpu_description(), "torch": torch.__version__}}
     if distributed.active():
         report["distributed"] = {"world_size": distributed.world_size(), "backend": dist.get_backend()}
 

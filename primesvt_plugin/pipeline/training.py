@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ArgumentError, CheckpointError, DataError, first_line
 from .. import distributed
-from ..pruning.spiking import class_scores, inference, model_device
+from ..pruning.spiking import class_scores, first_tensor, inference, model_device
 from ..serialization import atomic_write, read_tensors
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Class scores of ``model`` for a batch, from a fresh state."""
+    """Class scores of ``model`` for a batch, from a fresh state (of its first output tensor, for a model
+    returning a tuple such as SDT's ``(logits, hook)``)."""
     functional.reset_net(model)
-    out = model(x)
+    out = first_tensor(model(x))
     functional.reset_net(model)
     return class_scores(out)
 

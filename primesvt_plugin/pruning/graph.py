@@ -23,9 +23,11 @@ from ..plugins import get_plugin_manager
 from .accounting import attention_ops, ops_of_tp_group
 from .attention import INNER, WIDTH, AttentionLayout
 from .channels import ChannelOp, tp_pruning_fn
+from .inference import infer_layout, recorded_calls
 from .memory import state_and_outputs
-from .spiking import one_sample, stateful_modules, to_model_device
-from .tracing import trace_forward_fn
+from .spiking import map_tensors, model_output, one_sample, stateful_modules, to_model_device
+from .tracing import passthrough, structure_keeping_passthrough, trace_forward_fn
+from .widths import width_trace
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 HEAD_ATTRIBUTES = ("num_heads", "heads", "head_dim")  # what marks a module as multi-head attention
@@ -101,31 +103,51 @@ class PruningGroup:
 
 
 class SpikingGraph:
-    """Torch-Pruning's dependency graph of a spiking model, plus attention inner groups."""
+    """Torch-Pruning's dependency graph of a spiking model, plus attention inner groups.
+
+    Attention blocks are described by a plugin's ``primesvt_attention_layout``, or, for a
+    block no plugin knows, by a layout inferred from its structure and proven on a copy
+    (``inference.py``). ``output_transform`` reads the one output tensor from what the
+    model returns (default: the output, or the first tensor of a tuple); ``forward_fn`` and
+    ``unwrapped_parameters`` are Torch-Pruning's (the tracing calls ``forward_fn(model, inputs)``
+    at one time step).
+    """
 
     def __init__(self, model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
-                 pm: pluggy.PluginManager | None = None):
+                 pm: pluggy.PluginManager | None = None, output_transform: Callable | None = None,
+                 forward_fn: Callable | None = None, unwrapped_parameters=None):
         self.model = model
         example_inputs = to_model_device(model, example_inputs)
         self.pm = pm or get_plugin_manager()
+        self.output_transform, self.call = output_transform, forward_fn  # how the checks run the model
         self.names = {m: n for n, m in model.named_modules()}
         self.spiking_types = tuple(t for types in self.pm.hook.primesvt_spiking_layer_types() for t in types)
         self.layouts = {m: layout for m in model.modules()
                         if (layout := self.pm.hook.primesvt_attention_layout(module=m)) is not None}
+        # one pass of one sample: each neuron's state, each layer's output (what RAM predictions need), the
+        # model's output shape (against which apply_plan checks the pruned model on the same sample), every
+        # reshape and the width attributes it reads (widths.py), and what each attention block received and returned
+        self.sample_inputs = map_tensors(torch.clone, one_sample(model, example_inputs))  # not views of the batch
+        blocks = list(self.layouts) + self._undescribed_attention()
+        with width_trace(model) as trace, recorded_calls(blocks) as self.block_calls:
+            sample = state_and_outputs(model, self.sample_inputs, output_transform=output_transform,
+                                       forward_fn=forward_fn)
+        self.state_bytes, self.layer_outputs, self.output_shape = sample
+        self.width_calls = trace.calls
+        self._infer_layouts(blocks)
         for module, layout in self.layouts.items():
             layout.check(self.names[module])
         inside_attention = {sub for m in self.layouts for sub in m.modules() if sub is not m}
         self.spiking_layers = [m for m in model.modules()
                                if isinstance(m, self.spiking_types) and m not in inside_attention]
         self._check_state_is_handled(inside_attention)
-        self._check_attention_is_described()
         self.customized_pruners = self._customized_pruners()
-        self.forward_fn = trace_forward_fn(self.spiking_layers + list(self.layouts))
+        self.forward_fn = trace_forward_fn(self._stand_ins(), forward_fn)
         was_training = model.training
         try:
             self.DG = tp.DependencyGraph().build_dependency(
-                model, example_inputs, forward_fn=self.forward_fn,
-                customized_pruners=self.customized_pruners,
+                model, example_inputs, forward_fn=self.forward_fn, output_transform=self._tp_output_transform,
+                customized_pruners=self.customized_pruners, unwrapped_parameters=unwrapped_parameters,
             )
         finally:
             model.train(was_training)  # Torch-Pruning leaves the model in eval mode
@@ -133,12 +155,49 @@ class SpikingGraph:
         self._check_parameters_are_handled(inside_attention)
         self.output_layers = self._output_layers()
         self.ignored_layers = list(ignored_layers)
-        # one pass of one sample: each neuron's state, each layer's output (what RAM predictions need), and
-        # the model's output shape, against which apply_plan checks the pruned model on the same sample
-        self.sample_inputs = one_sample(model, example_inputs).clone()  # not a view keeping the whole batch
-        sample = state_and_outputs(model, self.sample_inputs)
-        self.state_bytes, self.layer_outputs, self.output_shape = sample
         self._inner_channel_ops: dict[int, tuple] = {}
+
+    def _tp_output_transform(self, output):
+        return model_output(output, self.output_transform)
+
+    def _undescribed_attention(self) -> list[nn.Module]:
+        """Modules that look like multi-head attention (an integer ``num_heads``, ``heads`` or ``head_dim``) with
+        no plugin layout, innermost first; Torch-Pruning's own attention (``nn.MultiheadAttention``) excluded."""
+        described = {sub for m in self.layouts for sub in m.modules()}
+        found = [m for m in self.model.modules()
+                 if m not in described and any(type(getattr(m, a, None)) is int for a in HEAD_ATTRIBUTES)
+                 and tp.ops.module2type(m) not in tp.pruner.function.PrunerBox]
+        return sorted(found, key=lambda m: -self.names[m].count("."))
+
+    def _infer_layouts(self, blocks: list[nn.Module]) -> None:
+        """A layout for each attention block no plugin described, inferred and proven (``inference.py``); a block
+        holding a described one is its container (a transformer block keeping ``num_heads``), not attention."""
+        for block in blocks:
+            if block in self.layouts or any(sub in self.layouts for sub in block.modules()):
+                continue
+            calls = self.block_calls.get(block)
+            if not calls:
+                continue  # never called: nothing flows through it to prune
+            self.layouts[block] = infer_layout(block, calls[0], self.names[block], self.spiking_types)
+
+    def _stand_ins(self) -> dict[nn.Module, Callable]:
+        """What each spiking layer and attention block runs while traced (``tracing.py``)."""
+        stand_ins: dict[nn.Module, Callable] = {m: passthrough for m in self.spiking_layers}
+        for block in self.layouts:
+            calls = self.block_calls.get(block)
+            returns_one_tensor = not calls or isinstance(calls[0].output, torch.Tensor)
+            stand_ins[block] = passthrough if returns_one_tensor else structure_keeping_passthrough(block)
+        return stand_ins
+
+    def head_blocks(self, group: tp.dependency.Group) -> int:
+        """How many blocks of equal size a group's channels fall into that must lose the same channels: the heads
+        of an attention inner group, the least common multiple of the heads of the tied blocks a residual group
+        crosses, else 1 (a group of this graph, as ``groups()`` or Torch-Pruning's pruners build it)."""
+        found = self._inner_channel_ops.get(id(group))
+        if found and found[0] is group:
+            return found[2]
+        tied = {item.dep.target.module for item in group} & {m for m, layout in self.layouts.items() if layout.tied}
+        return math.lcm(*[self.layouts[m].num_heads for m in tied]) if tied else 1
 
     def inner_channel_ops(self, group: tp.dependency.Group) -> Callable[[Sequence[int]], list[ChannelOp]] | None:
         """``channel_ops`` of the attention inner group whose ``importance_group`` is ``group``, else None."""
@@ -158,6 +217,7 @@ class SpikingGraph:
             "ignored_layers": self.output_layers + self.ignored_layers,
             "root_module_types": list(ROOT_TYPES),
             "out_channel_groups": {m: layout.num_heads for m, layout in self.layouts.items() if layout.tied},
+            "output_transform": self._tp_output_transform,
         }
 
     # -- construction helpers ---------------------------------------------------
@@ -174,18 +234,6 @@ class SpikingGraph:
         raise UnhandledLayerError(
             f"layer {self.names[module]!r} ({type(module).__module__}.{type(module).__qualname__}) {why} "
             f"and no primesvt plugin handles it; write a plugin implementing {hooks} for it, or replace the layer")
-
-    def _check_attention_is_described(self) -> None:
-        """Refuse attention blocks no layout describes: Torch-Pruning would cut q/k/v and leave
-        ``head_dim`` and the head reshapes stale (the model breaks on its next forward)."""
-        described = {sub for m in self.layouts for sub in m.modules()}
-        for m in self.model.modules():
-            heads = [a for a in HEAD_ATTRIBUTES if type(getattr(m, a, None)) is int]
-            handled = (m in described or any(sub in self.layouts for sub in m.modules())
-                       or tp.ops.module2type(m) in tp.pruner.function.PrunerBox)  # nn.MultiheadAttention
-            if heads and not handled:
-                self._refuse(m, f"looks like attention (has {', '.join(heads)}) but no layout describes it",
-                             "primesvt_attention_layout")
 
     def _check_parameters_are_handled(self, inside_attention: set[nn.Module]) -> None:
         """Refuse modules whose own per-channel parameters nothing prunes: no Torch-Pruning pruner,
@@ -273,7 +321,7 @@ class SpikingGraph:
 
         importance_group = _importance_group(layout.channel_ops(INNER, range(layout.inner)), layout.inner)
         # Its neurons cannot be tp items (no tp pruner): MemoryAwareImportance asks for them here.
-        self._inner_channel_ops[id(importance_group)] = (importance_group, channel_ops)
+        self._inner_channel_ops[id(importance_group)] = (importance_group, channel_ops, layout.num_heads)
         return PruningGroup(f"{name}:qkv", layout.inner, layout.num_heads, importance_group,
                             channel_ops, prune, kind="attention-inner")
 

@@ -30,7 +30,7 @@ from spikingjelly.activation_based import layer as sj_layer
 
 from ..errors import ArgumentError
 from .channels import ChannelOp, channel_slices
-from .spiking import inference, one_sample, stateful_modules, to_model_device
+from .spiking import checked_output, inference, one_sample, run_model, stateful_modules, to_model_device
 
 
 @dataclass(frozen=True)
@@ -169,12 +169,13 @@ class SamplePass(NamedTuple):
 
     state_bytes: dict[nn.Module, int]  # stateful module -> bytes of its state
     layer_outputs: dict[nn.Module, int]  # layer -> entries of its output, all time steps, in running order
-    output_shape: torch.Size | None  # the model's output shape; None when the output is not one tensor
+    output_shape: torch.Size  # the shape of the model's output tensor (``spiking.checked_output``)
 
 
-def state_and_outputs(model: nn.Module, example_inputs: torch.Tensor, record_outputs: bool = True) -> SamplePass:
+def state_and_outputs(model: nn.Module, example_inputs: torch.Tensor, record_outputs: bool = True,
+                      output_transform=None, forward_fn=None) -> SamplePass:
     """One forward pass of one sample: the state bytes of each stateful module, (``record_outputs``)
-    the entries of each layer's output, and the shape of the model's output.
+    the entries of each layer's output, and the shape of the model's output (``spiking.model_output``).
 
     Layers: the leaf modules and the spiking neurons (whose inner modules are the neuron's business).
     """
@@ -193,13 +194,13 @@ def state_and_outputs(model: nn.Module, example_inputs: torch.Tensor, record_out
                  if m not in inner and (m in stateful or not any(m.children()))]
     try:
         with inference(model):
-            output = model(one_sample(model, to_model_device(model, example_inputs)))
+            output = run_model(model, one_sample(model, to_model_device(model, example_inputs)), forward_fn)
             states = {m: _tensor_bytes(v for v in m._memories.values() if isinstance(v, torch.Tensor))
                       for m in stateful}
     finally:
         for hook in hooks:
             hook.remove()
-    return SamplePass(states, outputs, output.shape if isinstance(output, torch.Tensor) else None)
+    return SamplePass(states, outputs, checked_output(output, output_transform).shape)
 
 
 def layer_outputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:

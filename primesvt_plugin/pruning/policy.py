@@ -121,7 +121,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
           inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None,
           chance_accuracy: float | None = None, objective: str = "target", round_to: int = 1,
           search: str = "bisect", rank_by: str = "memory",
-          energy_inputs: torch.Tensor | None = None) -> PrimeResult:
+          energy_inputs: torch.Tensor | None = None, output_transform: Callable | None = None) -> PrimeResult:
     """Prune ``model`` to save ``memory_saving`` of its memory within an accuracy budget.
 
     ``evaluate(model) -> float`` scores the model (higher is better, e.g. accuracy
@@ -155,6 +155,10 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     ``deployment.energy_precision``) or ``"both"``
     (the sum of the group's share of all groups' bytes and of their energy). The target
     stays the memory saving and budgets; the ranking decides where it is taken first.
+
+    ``output_transform(output) -> tensor`` picks the output tensor the checks compare from what the
+    model returns (as Torch-Pruning's); by default the output itself, or the first tensor of a tuple
+    (SDT returns ``(logits, hook)``). ``evaluate`` receives the model as it is and reads its outputs itself.
     """
     rates = _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates)
     _check_budgets(memory_saving, flash_budget, ram_budget, deployment)
@@ -175,7 +179,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     model.eval()
     try:
         state = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, deployment, pm,
-                              rank_by, energy_inputs)
+                              rank_by, energy_inputs, output_transform)
         constraints = state.constraints(memory_saving, max_accuracy_drop, min_accuracy, objective, round_to,
                                         flash_budget, ram_budget)
         warnings = _chance_warnings(state.baseline, chance_accuracy)
@@ -244,14 +248,15 @@ class _Search:
 
     @classmethod
     def start(cls, model, example_inputs, evaluate, ignored_layers, importance, memory, deployment,
-              pm, rank_by="memory", energy_inputs=None) -> "_Search":
+              pm, rank_by="memory", energy_inputs=None, output_transform=None) -> "_Search":
         """Trace, score and rank the groups; evaluate the unpruned model."""
         clock = time.perf_counter()
         _check_example_inputs(model, example_inputs)
-        graph = SpikingGraph(model, example_inputs, ignored_layers, pm=pm)
+        graph = SpikingGraph(model, example_inputs, ignored_layers, pm=pm, output_transform=output_transform)
         groups = graph.groups()
         importance = importance or tp.importance.GroupMagnitudeImportance(p=2)
-        with example_gradients(model, example_inputs) if needs_gradients(importance) else contextlib.nullcontext():
+        gradients = example_gradients(model, example_inputs, output_transform) if needs_gradients(importance) else None
+        with gradients or contextlib.nullcontext():
             scores = {g.name: importance(g.importance_group) for g in groups}
         groups = [g for g in groups if scores[g.name] is not None]
         energy = None if rank_by == "memory" else layer_energy_pj(model, energy_inputs, deployment.energy_precision)
@@ -294,7 +299,7 @@ class _Search:
     def apply(self, plan: dict[str, list[int]], finetune) -> _Outcome:
         """Prune the plan structurally, evaluate, and fine-tune if asked."""
         clock = time.perf_counter()
-        apply_plan(self.model, self.graph.sample_inputs, self.groups, plan, self.graph.output_shape)
+        apply_plan(self.graph, plan, self.groups)
         after = footprint(self.model, self.example_inputs, self.deployment)
         self.timings["prune"] = time.perf_counter() - clock
         pruned_accuracy = self.evaluate() if plan else self.baseline  # an empty plan leaves the model as it was

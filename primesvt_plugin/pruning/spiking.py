@@ -8,11 +8,14 @@ and exporting both do).
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import base, functional
+
+from ..errors import ArgumentError
 
 
 @contextlib.contextmanager
@@ -29,10 +32,33 @@ def inference(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def fresh_forward(model: nn.Module, inputs) -> torch.Tensor:
-    """One forward pass from a fresh state (multi-step models see every time step)."""
+def fresh_forward(model: nn.Module, inputs, forward_fn: Callable | None = None):
+    """One forward pass from a fresh state (multi-step models see every time step): ``run_model``."""
     with inference(model):
-        return model(inputs)
+        return run_model(model, inputs, forward_fn)
+
+
+def run_model(model: nn.Module, inputs, forward_fn: Callable | None = None):
+    """``forward_fn(model, inputs)`` (a Torch-Pruning ``forward_fn``) when given; else ``model(inputs)``, and as
+    Torch-Pruning calls a model on a tuple or dict of inputs, ``model(*inputs)`` / ``model(**inputs)``."""
+    if forward_fn is not None:
+        return forward_fn(model, inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], inputs):
+    """``inputs`` with ``fn`` applied to every tensor in it (through tuples, lists and dicts)."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(map_tensors(fn, value) for value in inputs)
+    if isinstance(inputs, dict):
+        return {key: map_tensors(fn, value) for key, value in inputs.items()}
+    return inputs
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -45,11 +71,57 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def to_model_device(model: nn.Module, inputs):
-    """``inputs`` on ``model``'s device (a tensor; anything else is returned as it is).
+    """``inputs`` on ``model``'s device (every tensor of it; anything else as it is).
 
     Functions receiving an example input call this, so a CPU example works with a model on a GPU.
     """
-    return inputs.to(model_device(model)) if isinstance(inputs, torch.Tensor) else inputs
+    device = model_device(model)
+    return map_tensors(lambda tensor: tensor.to(device), inputs)
+
+
+def first_tensor(output):
+    """A model's (or block's) output tensor: the output itself, or the first tensor of a tuple, list or
+    dict of outputs (SDT returns ``(logits, hook)``); anything else is returned as it is, for callers to refuse."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((value for value in values if isinstance(value, torch.Tensor)), output)
+
+
+def model_output(output, output_transform: Callable | None = None):
+    """The one tensor the checks read from a model's output: ``output_transform(output)`` when given
+    (as Torch-Pruning's ``output_transform``), else ``first_tensor(output)``."""
+    return first_tensor(output) if output_transform is None else output_transform(output)
+
+
+def checked_output(output, output_transform: Callable | None = None) -> torch.Tensor:
+    """``model_output``, refused (``ArgumentError``) when it is not a tensor: pruning checks compare one tensor."""
+    tensor = model_output(output, output_transform)
+    if not isinstance(tensor, torch.Tensor):
+        raise ArgumentError(f"the model returns a {type(output).__name__} holding no tensor: pruning checks the shape "
+                            "and values of its output; pass output_transform to pick the output tensor")
+    return tensor
+
+
+def read_output(model: nn.Module, index: int) -> nn.Module:
+    """``model``, answering ``model(x)[index]`` from now on (its class's forward returns a tuple): the choice
+    is an instance attribute and a method bound to it, so copies of the model keep it."""
+    model._primesvt_output_index = index
+    model.forward = types.MethodType(_indexed_forward, model)
+    return model
+
+
+def _indexed_forward(self, *args, **kwargs):
+    return type(self).forward(self, *args, **kwargs)[self._primesvt_output_index]
+
+
+def describe_output(output) -> str:
+    """What a model returned, in words (the report says which tensor of a tuple was read)."""
+    if isinstance(output, torch.Tensor):
+        return "one tensor"
+    kinds = ", ".join("tensor" if isinstance(v, torch.Tensor) else type(v).__name__ for v in
+                      (output.values() if isinstance(output, dict) else output))
+    return f"a {type(output).__name__} ({kinds}): its first tensor is read"
 
 
 def class_scores(outputs):
@@ -86,7 +158,7 @@ def overridden_forward(forwards: Mapping[nn.Module, Callable]) -> Iterator[None]
 
 def time_step_owners(model: nn.Module) -> list[nn.Module]:
     """Modules declaring their number of time steps as an integer ``T`` attribute."""
-    return [m for m in model.modules() if type(getattr(m, "T", None)) is int]
+    return [m for m in model.modules() if isinstance(getattr(m, "T", None), int) and not isinstance(m.T, bool)]
 
 
 def step_modules(model: nn.Module) -> list[nn.Module]:
@@ -122,8 +194,7 @@ def first_time_step(model: nn.Module, inputs):
     return inputs[0] if stepped_by_mode(model) else inputs[:1]
 
 
-def one_sample(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The first sample of a batch (``[N, ...]``, or ``[T, N, ...]`` for multi-step models)."""
-    if has_time_axis(model, inputs):
-        return inputs[:, :1]
-    return inputs[:1]
+def one_sample(model: nn.Module, inputs):
+    """The first sample of a batch (``[N, ...]``, or ``[T, N, ...]`` for multi-step models), of every tensor
+    of a tuple or dict of inputs."""
+    return map_tensors(lambda tensor: tensor[:, :1] if has_time_axis(model, tensor) else tensor[:1], inputs)

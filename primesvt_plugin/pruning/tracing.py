@@ -17,26 +17,51 @@ on exit, also on error.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from .spiking import (first_time_step, overridden_forward, step_modules, stepped_by_mode, time_step_owners,
-                      to_model_device)
+from .spiking import (first_time_step, overridden_forward, run_model, step_modules, stepped_by_mode,
+                      time_step_owners, to_model_device)
 
 
-def _passthrough(x, *args, **kwargs):
+def passthrough(x, *args, **kwargs):
+    """The forward a spiking layer runs while traced: its input, recorded as one channel-transparent node."""
     return x * 1.0
 
 
+def structure_keeping_passthrough(module: nn.Module):
+    """The forward an attention block returning more than one tensor runs while traced: its real output
+    (computed without autograd and without the tracer's hooks on its layers) with the first tensor
+    replaced by the input passed through, so a caller unpacking ``x, v, hook = attn(x)`` still can."""
+    forward = type(module).forward
+
+    def stand_in(x, *args, **kwargs):
+        inner = [m for m in module.modules() if m is not module]
+        hooks = {m: dict(m._forward_hooks) for m in inner}
+        try:
+            for m in inner:
+                m._forward_hooks.clear()
+            with torch.no_grad():
+                real = forward(module, x, *args, **kwargs)
+        finally:
+            for m, saved in hooks.items():
+                m._forward_hooks.update(saved)
+        return _with_first_tensor(real, x * 1.0)
+    return stand_in
 
 
-
-
-
-
+def _with_first_tensor(output, tensor: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return tensor
+    items = list(output.items()) if isinstance(output, dict) else list(enumerate(output))
+    key = next(k for k, v in items if isinstance(v, torch.Tensor))
+    if isinstance(output, dict):
+        return {**output, key: tensor}
+    replaced = [tensor if k == key else v for k, v in items]
+    return type(output)(*replaced) if hasattr(output, "_fields") else type(output)(replaced)
 
 
 @contextlib.contextmanager
@@ -53,13 +78,13 @@ def traceable_parameters(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def single_step_view(model: nn.Module, passthrough: Iterable[nn.Module]) -> Iterator[None]:
-    """Inside: T == 1 everywhere, ``passthrough`` modules forward their input unchanged and
-    frozen parameters are traceable (see ``traceable_parameters``)."""
+def single_step_view(model: nn.Module, stand_ins: Mapping[nn.Module, Callable]) -> Iterator[None]:
+    """Inside: T == 1 everywhere, each module of ``stand_ins`` runs its stand-in forward (``passthrough``)
+    and frozen parameters are traceable (see ``traceable_parameters``)."""
     owners = {m: m.T for m in time_step_owners(model)}
     modes = {m: m.step_mode for m in step_modules(model)} if stepped_by_mode(model) else {}
     try:
-        with traceable_parameters(model), overridden_forward({m: _passthrough for m in passthrough}):
+        with traceable_parameters(model), overridden_forward(stand_ins):
             for m in owners:
                 m.T = 1
             for m in modes:
@@ -73,22 +98,16 @@ def single_step_view(model: nn.Module, passthrough: Iterable[nn.Module]) -> Iter
         functional.reset_net(model)
 
 
-
-
-
-
-def trace_forward_fn(passthrough: Iterable[nn.Module]):
-    """A ``forward_fn`` for ``tp.DependencyGraph`` / ``tp.pruner.MetaPruner`` that traces at T=1."""
-    passthrough = list(passthrough)
+def trace_forward_fn(stand_ins: Mapping[nn.Module, Callable], call: Callable | None = None):
+    """A ``forward_fn`` for ``tp.DependencyGraph`` / ``tp.pruner.MetaPruner`` that traces at T=1, each module of
+    ``stand_ins`` running its stand-in forward; ``call(model, inputs)`` runs the model (a script's own
+    Torch-Pruning ``forward_fn``), by default ``model(inputs)``."""
+    stand_ins = dict(stand_ins)
 
     def forward_fn(model: nn.Module, example_inputs):
         # before the view changes T and step modes; on the model's device (MetaPruner passes the user's)
         inputs = first_time_step(model, to_model_device(model, example_inputs))
-        with single_step_view(model, passthrough):
-            if isinstance(inputs, (tuple, list)):
-                return model(*inputs)
-            if isinstance(inputs, dict):
-                return model(**inputs)
-            return model(inputs)
+        with single_step_view(model, stand_ins):
+            return run_model(model, inputs, call)
 
     return forward_fn
