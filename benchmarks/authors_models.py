@@ -75,13 +75,25 @@ def install_stand_ins() -> None:
     module("timm.models.vision_transformer", _cfg=lambda **kwargs: dict(kwargs))
 
 
-def load(folder: Path, module: str, clear: tuple[str, ...] = ()):
-    """Import ``module`` from ``folder`` (a clone), forgetting modules of the same names imported before."""
+def load(folder: Path, module: str, clear: tuple[str, ...] = (), edits: dict[str, str] | None = None):
+    """Import ``module`` from ``folder`` (a clone), forgetting modules of the same names imported before;
+    ``edits`` (old text: new text) are the porting guide's one-line edits, applied to the file's text."""
     for name in [*clear, module]:
         sys.modules.pop(name, None)
     sys.path.insert(0, str(folder))
     try:
-        return importlib.import_module(module)
+        if not edits:
+            return importlib.import_module(module)
+        path = folder / (module.replace(".", "/") + ".py")
+        source = path.read_text()
+        for old, new in edits.items():
+            assert old in source, f"{path} no longer holds {old!r}"
+            source = source.replace(old, new)
+        loaded = types.ModuleType(module)
+        loaded.__file__ = str(path)
+        sys.modules[module] = loaded
+        exec(compile(source, str(path), "exec"), loaded.__dict__)
+        return loaded
     finally:
         sys.path.remove(str(folder))
 
@@ -93,25 +105,34 @@ def load(folder: Path, module: str, clear: tuple[str, ...] = ()):
 SMALL = dict(img_size_h=32, img_size_w=32, patch_size=4, embed_dims=64, num_heads=4, mlp_ratios=4, in_channels=3,
              num_classes=10, qkv_bias=False, depths=2, sr_ratios=1, T=2)
 FULL = dict(img_size_h=224, img_size_w=224, patch_size=16, mlp_ratios=4, in_channels=3, num_classes=1000,
-            qkv_bias=False, depths=8, sr_ratios=1, T=4)
+            qkv_bias=False, depths=8, sr_ratios=1)  # T = 4: the ImageNet Spikformer fixes it in its forward
 
 
 def builders(spikformer: Path, sdt: Path, size: str) -> dict:
     """``name: (builder, input shape)`` of the authors' models at ``size``, their files read from the clones."""
     install_stand_ins()
     cifar = load(spikformer / "cifar10", "model")
-    imagenet = load(spikformer / "imagenet", "model")
+    # the ImageNet Spikformer fixes T = 4 inside its forward: the porting guide's edit makes it self.T (tracing sets 1)
+    imagenet = load(spikformer / "imagenet", "model", edits={"        T = 4\n": "        T = self.T\n"})
     sdt_model = load(sdt, "model.spikeformer", clear=("model", "module", "module.ms_conv", "module.sps"))
     models = {
         "small": {"Spikformer (cifar10/model.py)": (cifar.Spikformer, SMALL),
                   "Spike-Driven Transformer (model/ + module/)": (sdt_model.sdt, {**SMALL, "pooling_stat": "0011"})},
         "full": {"Spikformer-8-384 (imagenet/model.py)": (imagenet.Spikformer, {**FULL, "embed_dims": 384,
                                                                                 "num_heads": 12}),
-                 "SDT-8-512 (model/ + module/)": (sdt_model.sdt, {**FULL, "embed_dims": 512, "num_heads": 8,
+                 "SDT-8-512 (model/ + module/)": (sdt_model.sdt, {**FULL, "embed_dims": 512, "num_heads": 8, "T": 4,
                                                                   "pooling_stat": "1111"})},
     }[size]
     shape = (3, 32, 32) if size == "small" else (3, 224, 224)
-    return {name: (functools.partial(build, **args), shape) for name, (build, args) in models.items()}
+    return {name: (functools.partial(built_with_t, build, args), shape) for name, (build, args) in models.items()}
+
+
+def built_with_t(build, args: dict) -> nn.Module:
+    """``build(**args)``; a model whose constructor takes no T gets it as the attribute its ported forward reads."""
+    model = build(**args)
+    if not hasattr(model, "T"):
+        model.T = 4
+    return model
 
 
 def params(model: nn.Module) -> int:

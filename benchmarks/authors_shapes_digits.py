@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 import primesvt_plugin as ps
-from primesvt_plugin.pipeline.data import digits_splits
-from primesvt_plugin.pipeline.training import accuracy, logits, train
+from primesvt_plugin.pipeline.readers import digits_splits
+from primesvt_plugin.pipeline.evaluation import accuracy, logits
+from primesvt_plugin.pipeline.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -40,13 +40,14 @@ import torch_pruning as tp  # noqa: E402
 
 from primesvt_plugin import SpikingGraph, footprint, spiking_pruner_kwargs  # noqa: E402
 from primesvt_plugin.plugins import build_model  # noqa: E402
-from primesvt_plugin.pipeline.data import digits_splits  # noqa: E402
+from primesvt_plugin.pipeline.readers import digits_splits  # noqa: E402
 from primesvt_plugin.deploy.latency import model_latency_ms  # noqa: E402
 from primesvt_plugin.pruning.memory import LedgerState  # noqa: E402
 from primesvt_plugin.pruning.policy import prime  # noqa: E402
 from primesvt_plugin.pruning.pruner import apply_plan  # noqa: E402
 from primesvt_plugin.pipeline.recipe import load_recipe  # noqa: E402
-from primesvt_plugin.pipeline.training import accuracy, train  # noqa: E402
+from primesvt_plugin.pipeline.evaluation import accuracy  # noqa: E402
+from primesvt_plugin.pipeline.training import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.2668, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from primesvt_plugin.pipeline.data import digits_splits
+from primesvt_plugin.pipeline.readers import digits_splits
 from primesvt_plugin.pipeline.recipe import find_recipe, load_recipe
 from primesvt_plugin.pipeline.runner import seed_everything
-from primesvt_plugin.pipeline.training import Distillation, accuracy, frozen_copy, teacher_scores, train
+from primesvt_plugin.pipeline.distillation import Distillation, frozen_copy, teacher_scores
+from primesvt_plugin.pipeline.evaluation import accuracy
+from primesvt_plugin.pipeline.training import train
 from primesvt_plugin.plugins import build_model
 from primesvt_plugin.pruning.policy import prime
 

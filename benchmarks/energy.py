@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from primesvt_plugin import load_pruned  # noqa: E402
-from primesvt_plugin.pipeline.data import digits_splits  # noqa: E402
+from primesvt_plugin.pipeline.readers import digits_splits  # noqa: E402
 from primesvt_plugin.pruning.energy import estimate_energy  # noqa: E402
 
 from budgets import run  # noqa: E402  (one recipe through the runner)

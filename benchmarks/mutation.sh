@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules against the fast core tests (docs/testing.md).
 #
-#   benchmarks/mutation.sh                    # policy importance memory masking channels graph accounting
+#   benchmarks/mutation.sh                    # policy importance memory masking channels graph accounting search
 #   benchmarks/mutation.sh policy graph       # some modules only (a staged run)
 #   MUTMUT_CHILDREN=1 benchmarks/mutation.sh  # parallel test runs (default 2)
 #
 # mutmut (>= 3.8, `pip install -e ".[dev]"`) reads [tool.mutmut] in pyproject.toml: it
 # copies primesvt_plugin/ into mutants/ (git-ignored), mutates only the core modules of primesvt_plugin/pruning/
-# there and runs tests/test_core.py against each mutant (only the tests that reach the
+# there and runs tests/test_core.py, test_ledger.py and test_channels.py against each mutant (only the tests that reach the
 # mutated function). The working tree is never changed; never run `mutmut apply`.
 # Results are cached in mutants/: a second run only re-tests mutants whose function or
 # tests changed. Prints mutants / killed / survived / timeout / other and the score per
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 modules=("$@")
-[ ${#modules[@]} -eq 0 ] && modules=(policy importance memory masking channels graph accounting)
+[ ${#modules[@]} -eq 0 ] && modules=(policy importance memory masking channels graph accounting search)
 patterns=()
 for m in "${modules[@]}"; do patterns+=("primesvt_plugin.pruning.$m.*"); done
 mkdir -p mutants

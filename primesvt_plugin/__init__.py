@@ -9,12 +9,16 @@ from .deploy.quantization import OpenVINOArtifact, load_quantized, nncf_int4, nn
 from .errors import (CheckpointError, DataError, ExportError, InputError, PluginError, PrimeSVTError, PruningFailed,
                      RecipeError, RunFailed, UnhandledLayerError)
 from .hookspecs import hookimpl
-from .pipeline.data import DataSplits, Datasets, digits_splits
-from .plugins import Registrar, Registry, build_model, get_plugin_manager, new_plugin_manager, registries
+from .pipeline.datasets import DataSplits, Datasets
+from .pipeline.readers import digits_splits
+from .pipeline.evaluation import sharded_accuracy
+from .plugins import build_model, get_plugin_manager, new_plugin_manager, registries
+from .registry import Registrar, Registry
 from .pruning.attention import AttentionLayout
 from .pruning.graph import PruningGroup, SpikingGraph
 from .pruning.importance import MemoryAwareImportance
-from .pruning.memory import FP32, INT4, INT8, Deployment, Footprint, footprint
+from .pruning.memory import Footprint, footprint
+from .targets import Deployment, FP32, INT4, INT8
 from .pruning.policy import PrimeReport, PrimeResult, prime
 from .pruning.pruner import SpikingPruner, spiking_pruner_kwargs, verified_step
 from .serialization import load_checkpoint, load_pruned, save_pruned
@@ -25,6 +29,8 @@ __all__ = [
     "SpikingGraph", "SpikingPruner", "footprint", "prime", "spiking_pruner_kwargs", "verified_step",
     # saving and loading
     "load_checkpoint", "load_pruned", "load_quantized", "save_pruned",
+    # torchrun
+    "sharded_accuracy",
     # plugins
     "DataSplits", "Datasets", "OpenVINOArtifact", "Registrar", "Registry", "Verification", "build_model", "digits_splits",
     "exportable", "get_plugin_manager", "hookimpl", "new_plugin_manager", "nncf_int4", "nncf_int8", "onnx_int8", "quantize_int8",
@@ -33,4 +39,4 @@ __all__ = [
     "CheckpointError", "DataError", "ExportError", "InputError", "PluginError", "PrimeSVTError", "PruningFailed",
     "RecipeError", "RunFailed", "UnhandledLayerError",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

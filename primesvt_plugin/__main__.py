@@ -1,6 +1,4 @@
 """``python -m primesvt_plugin`` is the ``primesvt`` command (what ``torchrun -m`` starts)."""
-import sys
+from .pipeline.cli import entry
 
-from .pipeline.cli import main
-
-sys.exit(main())
+entry()

@@ -87,17 +87,6 @@ def all_sum(*values: int | float) -> list[float]:
     return tensor.tolist()
 
 
-def sharded_accuracy(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy over ``loader``'s whole dataset, each rank scoring its shard.
-
-    Use it as ``prime()``'s ``evaluate`` under torchrun: ``lambda m: sharded_accuracy(m, val_loader)``.
-    Every rank must call it (it is a collective), and every rank gets the same number.
-    """
-    from .pipeline.training import accuracy  # the one accuracy loop: it shards under torchrun
-
-    return accuracy(model, loader)
-
-
 def broadcast(value: Any, source: int = 0) -> Any:
     """``value`` as rank ``source`` has it, on every rank (any picklable object)."""
     if not active():

@@ -8,18 +8,21 @@ third party's ``pyproject.toml``::
     [project.entry-points.primesvt]
     my_neurons = "my_package.primesvt_hooks"
 
-Our own builtins (``primesvt_plugin.builtins.*``) are declared the same way and
-load through the same path, so anything they do a third party can do too.
+Our own builtins (``primesvt_plugin.builtins.*``) are listed by module name
+(``plugins.DEFAULT_PLUGINS``, as pytest's ``default_plugins``) and registered through
+the same calls, so anything they do a third party can do too.
 
 Named factories (models, datasets, importances, quantizers, exporters) are added
 through one hook, ``primesvt_register``, which receives a ``Registrar`` (the way
 tox's ``tox_register_tox_env(register)`` does); a name registered twice is an
-error naming both plugins. The 0.1 hooks returning ``{name: factory}`` dicts
-still work for this release and warn (see the end of this file).
+error naming both plugins, and a factory not following its kind's protocol
+(``primesvt_plugin/registry.py``) is refused naming the plugin. The 0.1 hooks
+returning ``{name: factory}`` dicts were removed in 0.3; a plugin still
+implementing one is refused with the line that replaces it.
 
-A ``primesvt_*`` function with no specification here makes loading fail with an
-error naming the plugin (``PluginManager.check_pending``): a misspelled hook
-never goes silently unused.
+A ``primesvt_*`` function with no specification here makes registering the plugin
+fail with an error naming it (and the hook it probably meant); one without
+``@hookimpl`` warns that it is never called.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
-    from .plugins import Registrar
-    from .pruning.attention import AttentionLayout
+    from .registry import Registrar
+    # AttentionLayout (primesvt_plugin.AttentionLayout) lives in pruning/, which builds on this contract: the
+    # annotation names it without importing it
 
 hookspec = pluggy.HookspecMarker("primesvt")
 hookimpl = pluggy.HookimplMarker("primesvt")  # what plugins decorate their implementations with
@@ -117,7 +121,7 @@ def primesvt_export_forward(
 
 
 @hookspec(firstresult=True)
-def primesvt_attention_layout(module: nn.Module) -> AttentionLayout | None:
+def primesvt_attention_layout(module: nn.Module) -> AttentionLayout | None:  # noqa: F821
     """Describe ``module`` as a spiking self-attention block, or return ``None``.
 
     Called for every submodule of a model whenever a pruning graph is built.
@@ -148,33 +152,51 @@ def primesvt_register(registrar: Registrar) -> None:
             registrar.models.add("my_svit", build_my_svit)
             registrar.exporters.add("tflite", export_tflite)
 
-    Each registry maps the names recipes use to a factory:
+    Each registry maps the names recipes use to a factory, called exactly as below
+    (``primesvt_plugin/registry.py`` declares these protocols; a factory that cannot be
+    called this way, or lacks a declared attribute, is refused when it is added, naming
+    the plugin):
 
     - ``registrar.models``: ``builder(**model.args) -> nn.Module``; recipe ``model.name``.
-    - ``registrar.datasets``: ``loader(**data.args) -> primesvt_plugin.DataSplits``;
-      recipe ``data.name``.
-    - ``registrar.importances``: ``factory(**kwargs) -> torch_pruning.importance.Importance``
-      (recipes call it without arguments); recipe ``prune.importance``.
-    - ``registrar.quantizers``: ``quantize(model, example_input, calibration, **quantize.args)``
-      gets the FP32 model, one example batch and an iterable of calibration batches
-      (numpy arrays), and returns an artifact with ``save(path) -> list[Path]``,
+      The model takes one batch; a multi-step model stores its time steps as an integer
+      ``T`` attribute (tracing sets it to 1), unless every SpikingJelly layer of it runs
+      multi-step and its input is time-major ``[T, N, ...]``.
+    - ``registrar.datasets``: ``loader(*, seed, **data.args)`` returns a
+      ``primesvt_plugin.Datasets`` (torch Datasets ``train``, ``val``, ``test`` of
+      ``(image, label)``, ``num_classes``, optional ``augment``, ``time_major``) or a
+      ``primesvt_plugin.DataSplits`` (arrays ``x_train``, ``y_train``, ``x_val``, ``y_val``,
+      ``x_test``, ``y_test``, ``num_classes``); ``seed`` is the recipe's, for random splits.
+      Recipe ``data.name``; a ``DataError`` it raises is bad input (exit 2).
+    - ``registrar.importances``: ``factory(**prune.importance_args)`` returns a
+      ``torch_pruning.importance.Importance``; recipe ``prune.importance``.
+    - ``registrar.quantizers``: ``quantize(model, example_input, calibration, *,
+      subset_size, inference_precision, pm, **quantize.args)`` gets the FP32 model, one
+      example batch, a list of calibration batches (numpy arrays), how many of them to
+      use, the precision its floating-point operations must run at (``"f32"``, ``"bf16"``,
+      ``"f16"``: never the CPU's default) and the plugin manager (for export forwards of
+      other plugins' neurons). It returns an artifact with ``save(path) -> list[Path]``,
       ``predict(images) -> outputs``, ``latency_ms(image) -> float`` and
-      ``weight_bytes(files) -> int`` (``primesvt_plugin.OpenVINOArtifact`` is one). A
-      ``quantize`` accepting an ``inference_precision`` keyword gets the recipe's
-      ``export.inference_precision`` (``"f32"``, ``"bf16"``, ``"f16"``): the precision its
-      floating-point operations must run at, never the CPU's default. An artifact with a
-      ``compiled_precision`` attribute has it recorded in the report. Recipe ``quantize.method``.
-    - ``registrar.exporters``: ``export(model, example_input, path) -> list[Path]`` writes
-      files named after ``path`` (a ``pathlib.Path`` stem; the exporter picks the suffix).
-      An ``export`` accepting a ``verification`` keyword gets a
+      ``weight_bytes(files) -> int`` (``primesvt_plugin.OpenVINOArtifact`` is one; a
+      ``compiled_precision`` attribute is recorded in the report). The function declares
+      ``deployment`` (a ``primesvt_plugin.Deployment``: the bytes its files take, at which
+      flash budgets are searched), ``precisions`` (a tuple of the weight precisions it can
+      write, e.g. ``("int8",)``) and may declare ``arguments`` (a pydantic model of its
+      ``quantize.args``, checked by ``primesvt validate`` and before training). Recipe
+      ``quantize.method``.
+    - ``registrar.exporters``: ``export(model, example_input, path, *, verification,
+      calibration, pm) -> list[Path]`` writes files named after ``path`` (a ``pathlib.Path``
+      stem; the exporter picks the suffix). ``verification`` is a
       ``primesvt_plugin.Verification`` (test images, the PyTorch model's outputs on them,
-      ``min_agreement``, ``precision``): it runs its artifact on ``verification.images``
-      and calls ``verification.check(what, outputs, precision)``, which raises
-      ``ExportError`` (nothing may be written) below the agreement asked (an export
-      quantized on the way passes ``min_agreement=verification.min_int8_agreement``). An
-      ``export`` accepting a ``calibration`` keyword gets one-image batches of training
-      images (numpy arrays) to calibrate a quantizer on. Exporters without these keywords
-      keep working, unverified. Recipe ``export.formats``.
+      ``min_agreement``, ``precision``): the exporter runs its artifact on
+      ``verification.images`` and calls ``verification.check(what, outputs, precision)``,
+      which raises ``ExportError`` below the agreement asked (nothing may then be written;
+      an export quantized on the way passes ``min_agreement=verification.min_int8_agreement``);
+      after it returns, every result it recorded is held to the bar again, so an export
+      below it fails the run like a builtin one. ``calibration`` is a list of one-image
+      batches of training images (for an exporter quantizing on the way). The function
+      declares ``time_major`` (``True``: it exports models stepped over event frames, and
+      ``example_input`` and the verification images are ``[T, N, ...]`` frames). Recipe
+      ``export.formats``.
 
     A name another plugin already registered raises ``PluginError`` naming both
     plugins; rename yours.
@@ -182,53 +204,4 @@ def primesvt_register(registrar: Registrar) -> None:
     :param registrar: a ``primesvt_plugin.Registrar``; call ``add(name, factory)`` on its
         registries (``models``, ``datasets``, ``importances``, ``quantizers``, ``exporters``).
     :returns: nothing (``None``); every plugin's implementation is called.
-    """
-
-
-# -- deprecated: the 0.1 form ----------------------------------------------------
-#
-# Each returned ``{name: factory}``; they are still collected into the same
-# registries (and warn when a plugin implementing them is loaded). Move to
-# ``primesvt_register``: ``return {"x": f}`` becomes ``registrar.models.add("x", f)``.
-
-_DEPRECATED = "{} is deprecated since primesvt-plugin 0.2; implement primesvt_register(registrar) instead"
-
-
-@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_model_builders")))
-def primesvt_model_builders() -> dict[str, Callable]:
-    """0.1 form of ``registrar.models``.
-
-    :returns: ``{name: factory}``, added to ``registrar.models`` under this plugin's name.
-    """
-
-
-@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_datasets")))
-def primesvt_datasets() -> dict[str, Callable]:
-    """0.1 form of ``registrar.datasets``.
-
-    :returns: ``{name: factory}``, added to ``registrar.datasets`` under this plugin's name.
-    """
-
-
-@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_importances")))
-def primesvt_importances() -> dict[str, Callable]:
-    """0.1 form of ``registrar.importances``.
-
-    :returns: ``{name: factory}``, added to ``registrar.importances`` under this plugin's name.
-    """
-
-
-@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_quantizers")))
-def primesvt_quantizers() -> dict[str, Callable]:
-    """0.1 form of ``registrar.quantizers``.
-
-    :returns: ``{name: factory}``, added to ``registrar.quantizers`` under this plugin's name.
-    """
-
-
-@hookspec(warn_on_impl=DeprecationWarning(_DEPRECATED.format("primesvt_exporters")))
-def primesvt_exporters() -> dict[str, Callable]:
-    """0.1 form of ``registrar.exporters``.
-
-    :returns: ``{name: factory}``, added to ``registrar.exporters`` under this plugin's name.
     """

@@ -1,56 +1,107 @@
-"""The plugin manager, the registries plugins fill, and building models by name.
+"""The plugin manager, the registries it fills, and building models by name.
 
-Every ``primesvt`` entry point is loaded, builtins included; see ``hookspecs.py``
-for the contract. Models are built from a registered name, or from
-``package.module:function`` when running code is allowed: recipes and saved
-models are data, and a ``module:function`` name imports and runs code from
-wherever Python finds that module, so it needs the caller's explicit opt-in
-(``trust_code=True`` in Python, ``--allow-code`` on the command line).
+Our builtins are listed here by module name (``DEFAULT_PLUGINS``, as pytest's
+``default_plugins``) and registered through the same calls as any plugin; third parties
+come through the ``primesvt`` entry-point group. Every registration is checked against
+the contract (``hookspecs.py``): a ``primesvt_*`` function with no specification is refused
+with a "did you mean", one without ``@hookimpl`` warns, a removed 0.1 hook names its
+replacement. What the hooks return is checked where it is used, naming the plugin.
+
+Models are built from a registered name, or from ``package.module:function`` when
+running code is allowed: recipes and saved models are data, and a ``module:function``
+name imports and runs code from wherever Python finds that module, so it needs the
+caller's explicit opt-in (``trust_code=True`` in Python, ``--allow-code`` on the command line).
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib
 import sys
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pluggy
 import torch.nn as nn
 
 from . import hookspecs
-from .errors import PluginError, UntrustedCodeError
-from .hookspecs import hookimpl
+from .errors import PluginError, UntrustedCodeError, first_line, shorten
+from .hookspecs import hookimpl  # noqa: F401  (plugins import the marker from here)
+from .registry import Registrar
 
 ENTRY_POINT_GROUP = "primesvt"
-BUILTIN_PREFIX = "primesvt_plugin.builtins."
+# Our own plugins, registered by module name under these names before any entry point is loaded.
+DEFAULT_PLUGINS = {name: f"primesvt_plugin.builtins.{name}" for name in
+                   ("neurons", "attention", "importances", "models", "datasets", "quantizers", "exporters")}
+# The 0.1 hooks returning {name: factory}, removed in 0.3: what replaces each (docs/plugins.md, migration).
+REMOVED_HOOKS = {f"primesvt_{kind}": f"primesvt_register(registrar): registrar.{attribute}.add(name, factory)"
+                 for kind, attribute in (("model_builders", "models"), ("datasets", "datasets"),
+                                         ("importances", "importances"), ("quantizers", "quantizers"),
+                                         ("exporters", "exporters"))}
+HOOK_PREFIX = "primesvt_"
+
+
+class PrimeSVTPluginManager(pluggy.PluginManager):
+    """pluggy's manager, checking every plugin as it is registered (entry point or ``pm.register``)."""
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        check_plugin(plugin, name or self.get_canonical_name(plugin), self)
+        return super().register(plugin, name)
+
+
+def check_plugin(plugin: object, name: str, pm: pluggy.PluginManager) -> None:
+    """Refuse a ``primesvt_*`` hook that no specification names (a misspelling, or a removed 0.1 hook) with one
+    line naming the plugin; warn about a ``primesvt_*`` function that lacks ``@hookimpl``."""
+    hooks = [h for h in dir(pm.hook) if h.startswith(HOOK_PREFIX) and getattr(pm.hook, h).spec is not None]
+    for attribute in dir(plugin):
+        if not attribute.startswith(HOOK_PREFIX):
+            continue
+        marked = pm.parse_hookimpl_opts(plugin, attribute) is not None
+        if attribute in REMOVED_HOOKS:
+            raise PluginError(f"plugin {name!r}: hook {attribute} was removed in primesvt-plugin 0.3; implement "
+                              f"{REMOVED_HOOKS[attribute]} instead (docs/plugins.md)")
+        if attribute not in hooks:
+            if not marked and not callable(getattr(plugin, attribute, None)):
+                continue
+            close = difflib.get_close_matches(attribute, hooks, n=1)
+            raise PluginError(f"plugin {name!r}: {attribute} is no primesvt hook"
+                              + (f"; did you mean {close[0]}?" if close else "")
+                              + f" (the hooks: {', '.join(sorted(hooks))})")
+        if not marked and callable(getattr(plugin, attribute, None)):
+            warnings.warn(f"plugin {name!r}: {attribute} is not decorated with @primesvt_plugin.hookimpl and is "
+                          "never called", UserWarning, stacklevel=3)
 
 
 def new_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
-    """A fresh manager with the hook specs and (by default) all installed plugins."""
-    pm = pluggy.PluginManager("primesvt")
+    """A fresh manager with the hook specs, our builtins and (by default) every installed plugin."""
+    pm = PrimeSVTPluginManager("primesvt")
     pm.add_hookspecs(hookspecs)
+    for name, module in DEFAULT_PLUGINS.items():
+        pm.register(importlib.import_module(module), name=name)
     if load_entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        if not any(name.startswith(BUILTIN_PREFIX) for name in _module_names(pm)):
-            raise PluginError(
-                "primesvt-plugin's builtin plugins were not found in the 'primesvt' entry-point "
-                "group; install the package (pip install -e .) instead of running it from a "
-                "source tree"
-            )
-        check_hooks(pm)
+        _load_entry_points(pm)
     return pm
 
 
-def check_hooks(pm: pluggy.PluginManager) -> None:
-    """Refuse a plugin implementing a ``primesvt_*`` hook that has no specification (a misspelling)."""
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as error:
-        known = ", ".join(sorted(name for name in dir(pm.hook) if name.startswith("primesvt_")))
-        raise PluginError(f"plugin {pm.get_name(error.plugin)!r}: {error}; the hooks are: {known}") from None
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Every ``primesvt`` entry point; one that fails to import is refused naming it and its distribution."""
+    from importlib import metadata
+
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(entry_point.name) is not None or pm.is_blocked(entry_point.name):
+            continue  # a builtin of the same name, or blocked
+        try:
+            plugin = entry_point.load()
+        except Exception as error:
+            distribution = getattr(entry_point.dist, "name", "an installed distribution")
+            raise PluginError(f"plugin {entry_point.name!r} ({entry_point.value}, from {distribution}) fails to "
+                              f"import: {type(error).__name__}: {first_line(error)}; fix or uninstall it") from None
+        pm.register(plugin, name=entry_point.name)
+        pm._plugin_distinfo.append((plugin, entry_point.dist))  # what pluggy's own loader records
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,129 +110,51 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return new_plugin_manager()
 
 
-def _module_names(pm: pluggy.PluginManager) -> list[str]:
-    return [getattr(p, "__name__", "") for p in pm.get_plugins()]
-
-
 def plugin_table(pm: pluggy.PluginManager) -> list[tuple[str, str, str]]:
-    """(entry-point name, module, distribution) for each loaded plugin."""
+    """(registration name, module, distribution) for each loaded plugin."""
     dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
-    return [(name, getattr(plugin, "__name__", repr(plugin)), dists.get(id(plugin), "(registered in code)"))
-            for name, plugin in pm.list_name_plugin()]
+    builtins = set(DEFAULT_PLUGINS.values())
+    return [(name, module, dists.get(id(plugin), "primesvt-plugin (builtin)" if module in builtins else
+                                      "(registered in code)"))
+            for name, plugin in pm.list_name_plugin() for module in [getattr(plugin, "__name__", repr(plugin))]]
 
 
 # -- registries -----------------------------------------------------------------
 
-
-class Registry:
-    """Named factories of one kind (NNCF's ``Registry`` habit): ``add``, ``names``, ``[name]``.
-
-    Each name remembers the plugin that added it, so a clash names both plugins.
-    """
-
-    def __init__(self, kind: str, recipe_field: str, adding_plugin: Callable[[], str] = lambda: "(registered in code)"):
-        self.kind, self.recipe_field = kind, recipe_field
-        self._factories: dict[str, Callable[..., Any]] = {}
-        self._owners: dict[str, str] = {}
-        self._adding_plugin = adding_plugin
-
-    def add(self, name: str, factory: Callable[..., Any]) -> None:
-        """Register ``factory`` under ``name`` (what recipes put in ``recipe_field``)."""
-        plugin = self._adding_plugin()
-        if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin {plugin!r}: a {self.kind} name must be a non-empty string, got {name!r}")
-        if not callable(factory):
-            raise PluginError(f"plugin {plugin!r}: {self.kind} {name!r} is not callable ({type(factory).__name__})")
-        if name in self._factories:
-            both = " and ".join(repr(p) for p in sorted({self._owners[name], plugin}))
-            raise PluginError(f"{self.kind} {name!r} is registered twice, by plugins {both}; rename one of them")
-        self._factories[name] = factory
-        self._owners[name] = plugin
-
-    def names(self, plugin: str | None = None) -> list[str]:
-        """Sorted names, all or those ``plugin`` registered."""
-        return sorted(n for n, owner in self._owners.items() if plugin is None or owner == plugin)
-
-    def owner(self, name: str) -> str:
-        """The plugin that registered ``name``."""
-        return self._owners[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._factories
-
-    def __getitem__(self, name: str) -> Callable[..., Any]:
-        if name not in self._factories:
-            raise PluginError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names()) or 'none'}")
-        return self._factories[name]
-
-
-KINDS = {"models": ("model", "model.name"), "datasets": ("dataset", "data.name"),
-         "importances": ("importance", "prune.importance"), "quantizers": ("quantizer", "quantize.method"),
-         "exporters": ("exporter", "export.formats")}
-
-
-class Registrar:
-    """What ``primesvt_register(registrar)`` fills: one ``Registry`` per kind of factory
-    (``models``, ``datasets``, ``importances``, ``quantizers``, ``exporters``)."""
-
-    models: Registry
-    datasets: Registry
-    importances: Registry
-    quantizers: Registry
-    exporters: Registry
-
-    def __init__(self, impls: list[pluggy.HookImpl] = ()):
-        # pluggy calls each implementation itself; the registries find out which plugin is
-        # adding by the implementation's code on the call stack (so a clash names both plugins).
-        self._owner_by_code = {impl.function.__code__: impl.plugin_name for impl in impls
-                               if hasattr(impl.function, "__code__")}
-        self._forced_owner: str | None = None
-        for attribute, (kind, recipe_field) in KINDS.items():
-            setattr(self, attribute, Registry(kind, recipe_field, self._adding_plugin))
-
-    def all(self) -> dict[str, Registry]:
-        """``{"models": Registry, ...}`` in a fixed order."""
-        return {attribute: getattr(self, attribute) for attribute in KINDS}
-
-    def _adding_plugin(self) -> str:
-        if self._forced_owner is not None:
-            return self._forced_owner
-        frame = sys._getframe(2)
-        while frame is not None:
-            if frame.f_code in self._owner_by_code:
-                return self._owner_by_code[frame.f_code]
-            frame = frame.f_back
-        return "(registered in code)"
-
-    @contextlib.contextmanager
-    def adding_for(self, plugin_name: str) -> Iterator[None]:
-        """Inside: names added are owned by ``plugin_name``."""
-        self._forced_owner = plugin_name
-        try:
-            yield
-        finally:
-            self._forced_owner = None
-
-
-# The 0.1 hooks returning {name: factory}, adapted into the same registries.
-DEPRECATED_HOOKS = {"models": "primesvt_model_builders", "datasets": "primesvt_datasets",
-                    "importances": "primesvt_importances", "quantizers": "primesvt_quantizers",
-                    "exporters": "primesvt_exporters"}
+_REGISTRARS: "weakref.WeakKeyDictionary[pluggy.PluginManager, tuple[tuple, Registrar]]" = weakref.WeakKeyDictionary()
 
 
 def registries(pm: pluggy.PluginManager) -> Registrar:
-    """Every plugin's named factories, collected through ``primesvt_register``.
-
-    Built afresh on each call, so plugins registered on ``pm`` later are included.
-    """
-    registrar = Registrar(pm.hook.primesvt_register.get_hookimpls())
-    pm.hook.primesvt_register(registrar=registrar)
-    for attribute, hook_name in DEPRECATED_HOOKS.items():
-        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # registration order
-            with registrar.adding_for(impl.plugin_name):
-                for name, factory in (impl.function() or {}).items():
-                    getattr(registrar, attribute).add(name, factory)
+    """Every plugin's named factories, collected through ``primesvt_register``: built once per plugin manager
+    (again only when a plugin was registered or removed since)."""
+    # the plugins themselves, compared by identity: an id() is reused once an unregistered plugin is freed
+    plugins = tuple(pm.list_name_plugin())
+    cached = _REGISTRARS.get(pm)
+    if cached is not None and len(cached[0]) == len(plugins) and all(
+            name == old_name and plugin is old for (name, plugin), (old_name, old) in zip(plugins, cached[0])):
+        return cached[1]
+    registrar = Registrar()
+    for impl in reversed(pm.hook.primesvt_register.get_hookimpls()):  # the order pluggy calls them in
+        with registrar.adding_for(impl.plugin_name):
+            returned = impl.function(registrar=registrar)
+        if returned is not None:
+            raise PluginError(f"plugin {impl.plugin_name!r}: primesvt_register returned a {type(returned).__name__}; "
+                              "it adds its factories with registrar.<kind>.add(name, factory) and returns nothing")
+    _REGISTRARS[pm] = (plugins, registrar)
     return registrar
+
+
+def spiking_layer_types(pm: pluggy.PluginManager) -> tuple[type, ...]:
+    """Every plugin's ``primesvt_spiking_layer_types``, each checked to be a list of classes."""
+    found: list[type] = []
+    for impl in pm.hook.primesvt_spiking_layer_types.get_hookimpls():
+        types = impl.function()
+        if not isinstance(types, (list, tuple)) or not all(isinstance(t, type) for t in types):
+            shown = shorten(" ".join(repr(types).split()), 200)  # one line: a module's repr spans several
+            raise PluginError(f"plugin {impl.plugin_name!r}: primesvt_spiking_layer_types returned {shown}; it "
+                              "returns a list of classes (e.g. [MyNeuron])")
+        found += types
+    return tuple(found)
 
 
 # -- plugin details (``primesvt plugins``) -----------------------------------------
@@ -206,6 +179,7 @@ class PluginDetails:
 def plugin_details(pm: pluggy.PluginManager) -> list[PluginDetails]:
     """One ``PluginDetails`` per plugin loaded in ``pm``, in ``plugin_table`` order."""
     registrar = registries(pm)
+    spiking_layer_types(pm)  # a wrong answer is one line naming the plugin, not a crash while listing
     rows = []
     for name, module, dist in plugin_table(pm):
         plugin = pm.get_plugin(name)
@@ -214,7 +188,7 @@ def plugin_details(pm: pluggy.PluginManager) -> list[PluginDetails]:
         impls = {caller.name: impl for caller in pm.get_hookcallers(plugin) or []
                  for impl in caller.get_hookimpls() if impl.plugin is plugin}
         types_impl = impls.get("primesvt_spiking_layer_types")
-        types = (types_impl.function() or []) if types_impl else []
+        types = (types_impl.function() or []) if types_impl else []  # checked: spiking_layer_types(pm) ran above
         rows.append(PluginDetails(
             name=name, module=module, distribution=dist, hooks=sorted(impls),
             layer_types=[f"{t.__module__}.{t.__qualname__}" for t in types],

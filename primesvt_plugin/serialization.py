@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +23,12 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .errors import ArgumentError, CheckpointError, first_line
-from .pipeline.output import umask_mode
+from .files import atomic_write
 from .plugins import build_model
 from .pruning.graph import SpikingGraph
 from .pruning.pruner import apply_plan, check_repaired, structural_change
 
 FORMAT = "primesvt-pruned-model/1"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move it to ``path``: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, umask_mode(False))  # mkstemp makes 0600; the user's umask decides
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_pruned(model: nn.Module, path: str | Path, builder: str, builder_args: dict[str, Any],

@@ -12,8 +12,9 @@ from PIL import Image
 
 from primesvt_plugin import DataError, Datasets
 from primesvt_plugin.pipeline.cli import main
-from primesvt_plugin.pipeline.data import as_datasets, digits_splits
-from primesvt_plugin.pipeline.datasets import (cifar10, cifar100, crop_and_flip, dvs_frames, image_folder,
+from primesvt_plugin.pipeline.datasets import as_datasets
+from primesvt_plugin.pipeline.readers import digits_splits
+from primesvt_plugin.pipeline.readers import (cifar10, cifar100, crop_and_flip, dvs_frames, image_folder,
                                                imagenet_folder, resized_crop_and_flip)
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -330,7 +331,7 @@ def test_pickled_arrays_in_npz_files_are_refused_without_running_them(tmp_path):
     objects = np.empty(1, dtype=object)
     objects[0] = RunsCode(f"touch {marker}")
     np.savez(tmp_path / "data.npz", x=objects, y=np.zeros(1, np.int64))
-    from primesvt_plugin.pipeline.data import npz_splits
+    from primesvt_plugin.pipeline.readers import npz_splits
     with pytest.raises(DataError, match="data.npz is not a readable .npz file: .*allow_pickle"):
         npz_splits(tmp_path / "data.npz")
     frames = tmp_path / "DVS" / "frames_number_4_split_by_number"

@@ -14,7 +14,7 @@ import torch
 
 from primesvt_plugin.pipeline.cli import main
 from primesvt_plugin.pipeline.output import resume_folder
-from primesvt_plugin.pipeline.training import read_checkpoint
+from primesvt_plugin.pipeline.checkpoints import read_checkpoint
 
 SMALL = ("{T: 2, in_channels: 1, img_size_h: 16, img_size_w: 16, patch_size: 4, num_classes: 10, embed_dims: 64, "
          "num_heads: 4, mlp_ratio: 4, depths: 1}")  # the default recipe's model: it learns digits in a few epochs

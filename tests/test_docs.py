@@ -94,7 +94,7 @@ def test_attention_layout_documents_every_field():
 
 def test_hookspecs_document_parameters_returns_and_firstresult():
     specs = [f for name, f in vars(hookspecs).items() if name.startswith("primesvt_") and callable(f)]
-    assert len(specs) == 10  # 4 pruning hooks, primesvt_register, the 5 deprecated 0.1 registry hooks
+    assert len(specs) == 5  # 4 pruning hooks and primesvt_register (the 0.1 registry hooks were removed in 0.3)
     for spec in specs:
         doc = inspect.getdoc(spec)
         assert ":returns:" in doc, spec.__name__
@@ -113,3 +113,64 @@ def test_every_benchmark_script_compiles_on_this_python():
     assert scripts
     for script in scripts:
         compile(script.read_text(), str(script), "exec")  # raises SyntaxError naming the file and line
+
+
+def documented_fields() -> dict[str, str]:
+    """docs/recipes.md's field table: dotted path -> the default it states (``a.b`` / ``c`` rows: ``a.c``)."""
+    section = (ROOT / "docs/recipes.md").read_text().split("## Fields", 1)[1].split("\n## ", 1)[0]
+    fields = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`([\w.]+)`", cells[0])
+        prefix = names[0].rpartition(".")[0]
+        paths = [names[0]] + [f"{prefix}.{name}" if prefix else name for name in names[1:]]
+        defaults = cells[1].rpartition(";")[2].strip().split(" / ")
+        fields.update(zip(paths, defaults if len(defaults) == len(paths) else [None] * len(paths)))
+    return fields
+
+
+def stated_default(text: str):
+    """A default as the docs state it: ``none``/``all`` (nothing set), ``required``, or YAML (``{}``, 0.003)."""
+    import yaml
+
+    from primesvt_plugin.pipeline.recipe import REQUIRED
+
+    text = text.replace("`", "").strip()
+    if text in ("none", "all"):
+        return None
+    if text == REQUIRED:
+        return REQUIRED
+    if re.fullmatch(r"[\d.]+ \.\.\. [\d.]+", text):  # a range of rates: its ends
+        return [float(end) for end in text.split(" ... ")]
+    return yaml.safe_load(text)
+
+
+def test_the_recipe_field_table_names_every_schema_field_with_its_default():
+    """docs/recipes.md documents each field the schema (``Recipe.model_json_schema()``, ``primesvt schema``)
+    declares, no other, and states the schema's default."""
+    from primesvt_plugin.pipeline.recipe import recipe_fields
+
+    schema, documented = recipe_fields(), documented_fields()
+    assert sorted(set(schema) - set(documented)) == [], "fields of the schema missing in docs/recipes.md"
+    assert sorted(set(documented) - set(schema)) == [], "fields in docs/recipes.md the schema does not have"
+    for path, text in documented.items():
+        if text is None:
+            continue
+        stated, default = stated_default(text), schema[path]
+        if isinstance(stated, list) and isinstance(default, list) and len(stated) == 2 < len(default):
+            default = [default[0], default[-1]]
+        assert stated == pytest.approx(default) if isinstance(default, float) else stated == default, \
+            f"docs/recipes.md says {path} defaults to {text}; the schema says {default!r}"
+
+
+def test_primesvt_schema_prints_the_recipe_json_schema(capsys):
+    import json
+
+    from primesvt_plugin.pipeline.cli import main
+    from primesvt_plugin.pipeline.recipe import Recipe
+
+    assert main(["schema"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == Recipe.model_json_schema() and "PruneSection" in printed["$defs"]

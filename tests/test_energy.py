@@ -159,7 +159,7 @@ def test_a_deployed_stage_counts_its_traffic_at_the_bytes_it_stores():
     float32 tensors (4 B), so the deployed stage's traffic is counted at the deployment's bytes."""
     from spikingjelly.activation_based import neuron
 
-    from primesvt_plugin.pruning.memory import FP32, INT4, INT8
+    from primesvt_plugin.targets import FP32, INT4, INT8
 
     torch.manual_seed(0)
     conv, linear = torch.nn.Conv2d(1, 8, 3, bias=False), torch.nn.Linear(8 * 6 * 6, 10, bias=False)

@@ -14,7 +14,7 @@ from primesvt_plugin.deploy.quantization import OpenVINOArtifact, load_quantized
 from primesvt_plugin.errors import CheckpointError
 from primesvt_plugin.plugins import get_plugin_manager, hookimpl, new_plugin_manager
 
-from conftest import build, run
+from svits import build, run
 
 NEURONS = {
     "lif": lambda: neuron.LIFNode(step_mode="m"),
@@ -239,7 +239,7 @@ def test_int8_onnx_disagreeing_with_the_model_is_refused_and_not_written(tmp_pat
 @pytest.mark.parametrize("name", ["spikformer", "spike_driven_transformer", "qkformer", "maxformer"])
 def test_kernel_1_convolutions_become_matmuls_with_the_same_outputs(name):
     from primesvt_plugin.deploy.quantization import PointwiseMatMul, with_matmuls
-    from primesvt_plugin.pruning.memory import matmul_like
+    from primesvt_plugin.targets import matmul_like
 
     def pointwise(candidate):
         return [m for m in candidate.modules() if matmul_like(m) and not isinstance(m, torch.nn.Linear)]
@@ -261,7 +261,7 @@ def test_kernel_1_convolutions_become_matmuls_with_the_same_outputs(name):
 ], ids=["conv1d", "conv2d-1x1", "linear", "grouped", "strided", "padded", "3x3", "transposed", "conv3d"])
 def test_only_layers_that_are_matrix_products_become_matmuls_and_they_compute_the_same(layer, matmul):
     from primesvt_plugin.deploy.quantization import PointwiseMatMul, with_matmuls
-    from primesvt_plugin.pruning.memory import matmul_like
+    from primesvt_plugin.targets import matmul_like
 
     assert matmul_like(layer) == matmul
     model = with_matmuls(torch.nn.Sequential(layer)).eval()
@@ -290,7 +290,8 @@ def test_int4_reaches_every_matmul_layer_and_the_flash_ledger_predicts_the_file(
     NNCF INT8, decisions kept; the ledger calibrated on the unpruned file predicts a pruned model's file."""
     import primesvt_plugin as ps
     from primesvt_plugin.deploy.quantization import nncf_int4
-    from primesvt_plugin.pruning.memory import INT4, flash_bytes, matmul_like
+    from primesvt_plugin.pruning.memory import flash_bytes
+    from primesvt_plugin.targets import INT4, matmul_like
 
     model, x = firing("spikformer"), many_images(16)
     with torch.no_grad():  # batch norms as training leaves them: OpenVINO stores equal constants only once

@@ -3,7 +3,6 @@ proven, width attributes kept true, tuple outputs read, authors' checkpoints loa
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 from pathlib import Path
 

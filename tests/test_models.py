@@ -18,7 +18,7 @@ from primesvt_plugin.deploy.export import exportable
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
 from primesvt_plugin.pruning.policy import prime
 
-from conftest import BreaksThirdNeuron, build, param_count, run
+from svits import BreaksThirdNeuron, build, param_count, run
 
 
 def shapes(model: nn.Module) -> dict[str, tuple]:

@@ -15,7 +15,7 @@ from primesvt_plugin import ExportError, to_nir
 from primesvt_plugin.deploy.nir import run_nir_graph
 from primesvt_plugin.pruning.spiking import fresh_forward
 
-from conftest import build
+from svits import build
 
 nir = pytest.importorskip("nir")
 

@@ -138,12 +138,17 @@ def test_concurrent_runs_into_one_folder_never_lose_a_result(workdir):
     assert litter(workdir) == []
 
 
+def failing_exporter(model, example_input, path, *, verification=None, calibration=None, pm=None):
+    raise ExportError("simulated exporter failure")
+
+
+failing_exporter.time_major = False
+
+
 class FailingExporter:
     @hookimpl
-    def primesvt_exporters(self):
-        def fail(model, example_input, path):
-            raise ExportError("simulated exporter failure")
-        return {"failing": fail}
+    def primesvt_register(self, registrar):
+        registrar.exporters.add("failing", failing_exporter)
 
 
 def test_failed_run_removes_the_folders_it_created(workdir):

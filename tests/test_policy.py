@@ -9,14 +9,15 @@ import torch_pruning as tp
 from spikingjelly.activation_based.model import spikformer
 
 from primesvt_plugin import SpikingGraph, footprint
-from primesvt_plugin.pipeline.data import digits_splits
+from primesvt_plugin.pipeline.readers import digits_splits
 from primesvt_plugin.pruning.masking import Masks
 from primesvt_plugin.pruning.memory import LedgerState, layer_outputs
 from primesvt_plugin.pruning.policy import EvaluationError, prime
 from primesvt_plugin.pruning.pruner import apply_plan
-from primesvt_plugin.pipeline.training import accuracy, train
+from primesvt_plugin.pipeline.evaluation import accuracy
+from primesvt_plugin.pipeline.training import train
 
-from conftest import SMALL_SVITS, build, run
+from svits import SMALL_SVITS, build, run
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from spikingjelly.activation_based import functional, neuron
 from primesvt_plugin import MemoryAwareImportance, SpikingGraph, SpikingPruner, spiking_pruner_kwargs
 from primesvt_plugin.plugins import build_model
 
-from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, assert_heads_consistent, build, param_count, run
+from svits import SMALL_SVIT_ARGS, SMALL_SVITS, assert_heads_consistent, build, param_count, run
 
 MODELS = list(SMALL_SVITS) + ["spikformer_cifar10"]
 RATIOS = [0.1, 0.3, 0.5]

@@ -19,7 +19,8 @@ from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttenti
 
 from primesvt_plugin import PruningFailed, SpikingGraph, SpikingPruner, footprint, spiking_pruner_kwargs, verified_step
 from primesvt_plugin.builtins.attention import _spike_driven_self_attention, _spiking_self_attention
-from primesvt_plugin.pipeline.data import DataError, npz_splits
+from primesvt_plugin.errors import DataError
+from primesvt_plugin.pipeline.readers import npz_splits
 from primesvt_plugin.plugins import hookimpl, new_plugin_manager
 from primesvt_plugin.pruning.policy import prime
 from primesvt_plugin.pruning.spiking import one_sample
@@ -28,7 +29,7 @@ from primesvt_plugin.plugins import build_model
 from primesvt_plugin.errors import ArgumentError, UntrustedCodeError
 from primesvt_plugin.serialization import CheckpointError, load_pruned, save_pruned
 
-from conftest import SMALL_SVIT_ARGS, SMALL_SVITS, BreaksThirdNeuron, assert_heads_consistent, build, param_count, run
+from svits import SMALL_SVIT_ARGS, SMALL_SVITS, BreaksThirdNeuron, assert_heads_consistent, build, param_count, run
 
 SMALL_SPIKFORMER = SMALL_SVIT_ARGS["spikformer"]
 

@@ -19,13 +19,16 @@ from primesvt_plugin.builtins.exporters import to_torchscript
 from primesvt_plugin.errors import ArgumentError, CheckpointError, RecipeError
 from primesvt_plugin.pipeline import training
 from primesvt_plugin.pipeline.cli import main
-from primesvt_plugin.pipeline.data import digits_splits
+from primesvt_plugin.pipeline.readers import digits_splits
 from primesvt_plugin.pipeline.output import resume_folder
 from primesvt_plugin.pipeline.recipe import load_recipe
 from primesvt_plugin.pipeline.runner import run_recipe
-from primesvt_plugin.pipeline.training import (Distillation, TrainingState, accuracy, distillation_loss, frozen_copy,
-                                               logits, lr_factor, lr_scheduler, read_checkpoint, resolve_device,
-                                               teacher_scores, train)
+from primesvt_plugin.pipeline.distillation import Distillation, distillation_loss, frozen_copy, teacher_scores
+from primesvt_plugin.pipeline.checkpoints import TrainingState, read_checkpoint
+from primesvt_plugin.pipeline.evaluation import accuracy, logits
+from primesvt_plugin.pipeline.schedule import lr_factor, lr_scheduler
+from primesvt_plugin.pipeline.devices import resolve_device
+from primesvt_plugin.pipeline.training import train
 from primesvt_plugin.plugins import build_model
 from primesvt_plugin.pruning.graph import SpikingGraph
 from primesvt_plugin.pruning.masking import Masks
@@ -34,7 +37,7 @@ from primesvt_plugin.pruning.policy import prime
 from primesvt_plugin.pruning.pruner import SpikingPruner, apply_plan
 from primesvt_plugin.pruning.spiking import fresh_forward, model_device
 
-from conftest import build, param_count
+from svits import build, param_count
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DIGITS_ARGS = dict(T=2, in_channels=1, img_size_h=16, img_size_w=16, patch_size=4, num_classes=10, embed_dims=32,

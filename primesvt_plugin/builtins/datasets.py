@@ -2,8 +2,8 @@
 CIFAR-10/100 and SpikingJelly's DVS frames."""
 from __future__ import annotations
 
-from ..pipeline.data import digits_splits, npz_splits
-from ..pipeline.datasets import cifar10, cifar100, dvs_frames, image_folder, imagenet_folder
+from ..pipeline.readers import digits_splits, npz_splits
+from ..pipeline.readers import cifar10, cifar100, dvs_frames, image_folder, imagenet_folder
 from ..plugins import hookimpl
 
 

@@ -14,12 +14,13 @@ from ..deploy.quantization import onnx_int8
 from ..plugins import hookimpl
 
 
-def to_torchscript(model, example_input, path, verification: Verification | None = None):
+def to_torchscript(model, example_input, path, *, verification: Verification | None = None, calibration=None,
+                   pm=None):
     """A traced TorchScript module (``torch.jit.load`` runs it without primesvt or SpikingJelly)."""
     target = path.with_suffix(".torchscript.pt")
     model, example_input = cpu_model(model), example_input.cpu()  # a CPU artifact, like the others
     verification = verification_or_example(model, example_input, verification)
-    with exportable(model) as traceable, torch.no_grad():
+    with exportable(model, pm) as traceable, torch.no_grad():
         try:
             traced = torch.jit.trace(traceable, example_input)
         except Exception as error:
@@ -31,12 +32,30 @@ def to_torchscript(model, example_input, path, verification: Verification | None
     return [target]
 
 
-def to_nir_file(model, example_input, path, verification: Verification | None = None):
+def to_onnx_file(model, example_input, path, *, verification=None, calibration=None, pm=None):
+    """``model.onnx``, verified on OpenVINO's ONNX reader."""
+    return to_onnx(model, example_input, path.with_suffix(".onnx"), pm, verification)
+
+
+def to_openvino_files(model, example_input, path, *, verification=None, calibration=None, pm=None):
+    """``model.xml`` + ``model.bin``, verified at the verification's precision."""
+    return to_openvino(model, example_input, path.with_suffix(".xml"), pm, verification)
+
+
+def to_onnx_int8_file(model, example_input, path, *, verification=None, calibration=None, pm=None):
+    """``model_int8.onnx`` (QDQ), calibrated on ``calibration``, checked on onnxruntime."""
+    return onnx_int8(model, example_input, path.with_name(path.name + "_int8.onnx"), calibration,
+                     verification=verification, pm=pm)
+
+
+def to_nir_file(model, example_input, path, *, verification: Verification | None = None, calibration=None, pm=None):
     """A NIR graph (``model.nir``) of a model stepped over time-major frames, read back and stepped through
     time on ``example_input`` before it is written (needs ``pip install 'primesvt-plugin[nir]'``)."""
     return to_nir(model, example_input, path.with_suffix(".nir"), verification)
 
 
+for _exporter in (to_torchscript, to_onnx_file, to_openvino_files, to_onnx_int8_file):
+    _exporter.time_major = False
 to_nir_file.time_major = True
 
 
@@ -44,10 +63,7 @@ to_nir_file.time_major = True
 def primesvt_register(registrar):
     registrar.exporters.add("torchscript", to_torchscript)
     registrar.exporters.add("torch", to_torchscript)  # the PyTorch artifact a deployment loads: TorchScript
-    registrar.exporters.add("onnx", lambda model, example_input, path, verification=None: to_onnx(
-        model, example_input, path.with_suffix(".onnx"), verification=verification))
-    registrar.exporters.add("openvino", lambda model, example_input, path, verification=None: to_openvino(
-        model, example_input, path.with_suffix(".xml"), verification=verification))
+    registrar.exporters.add("onnx", to_onnx_file)
+    registrar.exporters.add("openvino", to_openvino_files)
     registrar.exporters.add("nir", to_nir_file)
-    registrar.exporters.add("onnx_int8", lambda model, example_input, path, calibration, verification=None: onnx_int8(
-        model, example_input, path.with_name(path.name + "_int8.onnx"), calibration, verification=verification))
+    registrar.exporters.add("onnx_int8", to_onnx_int8_file)

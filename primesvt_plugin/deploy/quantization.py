@@ -18,9 +18,10 @@ import copy
 import numpy as np
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, ExportError, first_line
-from ..pruning.memory import INT4, INT8, matmul_like
+from ..targets import INT4, INT8, matmul_like
 from .export import (Verification, compile_openvino, compiled_precision, cpu_model, predict_batches, predict_compiled,
                      removed_unless_verified, save_openvino, to_onnx, to_openvino_model, verification_or_example)
 from .latency import median_ms
@@ -100,13 +101,19 @@ def quantize_int8(model: nn.Module, example_input: torch.Tensor, calibration: It
     return nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=subset_size)
 
 
-def nncf_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray],
-              subset_size: int = 300, inference_precision: str = "f32") -> OpenVINOArtifact:
+class NoArguments(BaseModel):
+    """``quantize.args`` of a quantizer taking none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def nncf_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray], *,
+              subset_size: int = 300, inference_precision: str = "f32", pm=None) -> OpenVINOArtifact:
     """NNCF INT8 (weights and activations) on the OpenVINO IR of ``model``; float ops run at ``inference_precision``."""
-    return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size), inference_precision)
+    return OpenVINOArtifact(quantize_int8(model, example_input, calibration, subset_size, pm), inference_precision)
 
 
-nncf_int8.deployment = INT8
+nncf_int8.deployment, nncf_int8.precisions, nncf_int8.arguments = INT8, ("int8",), NoArguments
 
 
 class PointwiseMatMul(nn.Module):
@@ -127,7 +134,7 @@ class PointwiseMatMul(nn.Module):
 
 
 def with_matmuls(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every matmul-like convolution (``memory.matmul_like``) as a ``PointwiseMatMul``."""
+    """A copy of ``model`` with every matmul-like convolution (``targets.matmul_like``) as a ``PointwiseMatMul``."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -136,9 +143,19 @@ def with_matmuls(model: nn.Module) -> nn.Module:
     return model
 
 
-def nncf_int4(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray],
+class Int4Arguments(BaseModel):
+    """``quantize.args`` of ``nncf_int4``."""
+
+    model_config = ConfigDict(extra="forbid")
+    ratio: float = Field(1.0, gt=0, le=1, description="the share of matmul-like weights at INT4 (NNCF keeps the ones "
+                                                      "its sensitivity criterion finds most sensitive at INT8)")
+    group_size: int = Field(-1, description="-1: one scale per output channel; else inputs per scale (widths must "
+                                            "stay multiples of it: prune.round_to)")
+
+
+def nncf_int4(model: nn.Module, example_input: torch.Tensor, calibration: Iterable[np.ndarray], *,
               subset_size: int = 300, ratio: float = 1.0, group_size: int = -1,
-              inference_precision: str = "f32") -> OpenVINOArtifact:
+              inference_precision: str = "f32", pm=None) -> OpenVINOArtifact:
     """Mixed INT4/INT8 weights with NNCF's weight compression on the OpenVINO IR of ``model``.
 
     Matmul-like layers (linear, kernel-1 convolutions, exported as MatMul) get INT4 weights (symmetric,
@@ -150,7 +167,7 @@ def nncf_int4(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
 
     if not 0 < ratio <= 1:
         raise ExportError(f"nncf_int4: quantize.args.ratio must be in (0, 1], got {ratio}")
-    ov_model = to_openvino_model(with_matmuls(cpu_model(model)), example_input)  # one copy, on the CPU
+    ov_model = to_openvino_model(with_matmuls(cpu_model(model)), example_input, pm)  # one copy, on the CPU
     dataset = None
     if ratio < 1:  # NNCF ranks the layers on activations only when some must stay INT8
         batches = [np.asarray(batch, dtype=np.float32) for batch in calibration]
@@ -168,7 +185,7 @@ def nncf_int4(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
     return OpenVINOArtifact(compressed, inference_precision)
 
 
-nncf_int4.deployment = INT4
+nncf_int4.deployment, nncf_int4.precisions, nncf_int4.arguments = INT4, ("int8", "int4"), Int4Arguments
 
 
 def onnx_int8(model: nn.Module, example_input: torch.Tensor, path: Path, calibration: Iterable[np.ndarray],

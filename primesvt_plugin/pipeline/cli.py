@@ -9,6 +9,8 @@ wrote its outputs but some of its checks failed; 130 / 143 interrupted
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import contextlib
 import ctypes
 import logging
@@ -53,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue the fine-tuning of an interrupted run into the same output folder from its "
                           "last finished epoch (the checkpoint in .OUT.resume/ beside it); without one, start over")
     commands.add_parser("plugins", help="list loaded plugins and what they register")
+    commands.add_parser("schema", help="print the recipe schema (JSON Schema, for editors and YAML language "
+                                       "servers): every field, its type, default and meaning")
     return parser
 
 
@@ -220,8 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     # SpikingJelly registers its kernels as torch custom ops; on CPU-only installs torch then warns
     # "Triton not available" on stderr, which says nothing about the run and breaks one-line errors.
     logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+    if args.command == "schema":
+        from .recipe import Recipe
+
+        print(json.dumps(Recipe.model_json_schema(), indent=2))
+        return 0
     if args.command == "plugins":
-        _plugins()
+        try:
+            _plugins()
+        except PrimeSVTError as error:  # a plugin that fails to import or answers wrongly: one line naming it
+            _error(first_line(error))
+            return error.exit_code
         return 0
     args.argv = sys.argv[1:] if argv is None else argv
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works there only
@@ -257,5 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
 
 
+def entry() -> None:
+    """The ``primesvt`` command: ``main``'s exit code. After a stop (130 / 143) the process ends at once, its
+    output already cleaned up: a thread a library left running (an idle ``ThreadPoolExecutor`` worker, seen
+    once in a SIGTERM mid-training under load) must not keep a stopped run alive at interpreter shutdown."""
+    code = main()
+    if code in EXIT_INTERRUPTED.values():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,388 +1,176 @@
-"""Readers of the on-disk formats SViT users prune on, streamed sample by sample.
+"""Datasets for recipes: train / val / test splits as torch Datasets, streamed by DataLoaders.
 
-- CIFAR-10 / CIFAR-100 in the official "python version" pickle layout
-  (``data_batch_1..5`` + ``test_batch``; ``train`` + ``test`` for CIFAR-100);
-- image trees: ``root/<class>/<image>`` (split at random), and the ImageNet layout
-  ``root/train/<class>/...`` + ``root/val/<class>/...`` (the official validation set,
-  regrouped into class folders as the usual ``valprep.sh`` does);
-- event frames as SpikingJelly's frame conversion writes them:
-  ``root/frames_number_<T>_split_by_<how>/[train|test/]<class>/<sample>.npz``
-  holding ``frames`` of shape ``[T, 2, H, W]`` (CIFAR10-DVS, DVS128 Gesture).
-
-The formats are read directly rather than through torchvision or
-``spikingjelly.datasets``: on CPU-only torch builds those do not import (torchvision's
-wheel is built against the CUDA torch), and one tested code path is better than two.
-Training loaders get the augmentation the Spikformer papers use (random crop with
-padding and horizontal flip; random resized crop and flip for ImageNet); evaluation
-and calibration read the images as they are. The policy scores trials on ``val``, which never
-overlaps ``test``.
+A dataset plugin returns ``Datasets`` (any torch ``Dataset`` of ``(image, label)``
+pairs per split: files are read as batches are drawn) or, for data that fits in
+memory, ``DataSplits`` (numpy arrays), which the runner turns into ``Datasets``.
+The readers of the formats recipes name (digits, .npz, CIFAR, image trees, DVS
+frames) are in ``readers.py``.
 """
 from __future__ import annotations
 
-import importlib
-import pickle
-import random
-import re
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ..errors import DataError, first_line
-from .data import Datasets
+from ..errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-# -- augmentation ---------------------------------------------------------------------
+SPLITS = ("train", "val", "test")
 
 
-def crop_and_flip(padding: int = 4) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Random crop of the zero-padded image back to its size, then a random left-right flip."""
-    def augment(image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        padded = F.pad(image, (padding, padding, padding, padding))
-        top, left = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
-        out = padded[..., top:top + height, left:left + width]
-        return out.flip(-1) if torch.rand(()) < 0.5 else out
-    return augment
+class Augmented(Dataset):
+    """``dataset`` with ``augment(image) -> image`` applied to every sample as it is read."""
 
-
-def resized_crop_and_flip(min_area: float = 0.08) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Random crop of 8%-100% of the area with aspect 3/4-4/3, resized back, then a random flip
-    (ImageNet training as the Spikformer recipes do it, on the evaluation-sized image)."""
-    def augment(image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        for _ in range(10):
-            area = height * width * random.uniform(min_area, 1.0)
-            aspect = float(np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3))))
-            w, h = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
-            if 0 < w <= width and 0 < h <= height:
-                top, left = random.randint(0, height - h), random.randint(0, width - w)
-                image = F.interpolate(image[None, ..., top:top + h, left:left + w], size=(height, width),
-                                      mode="bilinear", align_corners=False)[0]
-                break
-        return image.flip(-1) if random.random() < 0.5 else image
-    return augment
-
-
-# -- CIFAR ----------------------------------------------------------------------------
-
-
-class ArrayImages(Dataset):
-    """uint8 images ``[N, C, H, W]`` kept compact in memory, converted to float on read."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, image_size: int | None = None):
-        self.images, self.targets, self.image_size = images, labels.astype(np.int64), image_size
+    def __init__(self, dataset: Dataset, augment: Callable[[torch.Tensor], torch.Tensor]):
+        self.dataset, self.augment = dataset, augment
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.dataset)
 
-    def __getitem__(self, index: int):
-        image = torch.from_numpy(self.images[index].astype(np.float32) / 255.0)
-        if self.image_size and image.shape[-1] != self.image_size:
-            image = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bilinear",
-                                  align_corners=False)[0]
-        return image, int(self.targets[index])
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return self.augment(image), label
 
 
-def _latin1(text: str, encoding: str = "latin1") -> bytes:
-    """``_codecs.encode`` as protocol-2 pickles use it for bytes, limited to that use."""
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refused: bytes encoded as {encoding!r}")
-    return text.encode("latin1")
+def _time_major(batch):
+    """Collate ``[T, ...]`` samples into ``[T, N, ...]`` (what multi-step SpikingJelly models take)."""
+    images, labels = torch.utils.data.default_collate(batch)
+    return images.transpose(0, 1), labels
 
 
-def _numpy_pickle_parts() -> dict[tuple[str, str], object]:
-    """The callables numpy arrays, dtypes and scalars are pickled with (numpy 1 and 2 module names)."""
-    core = importlib.import_module("numpy._core" if hasattr(np, "_core") else "numpy.core")
-    parts = {"multiarray._reconstruct": core.multiarray._reconstruct, "multiarray.scalar": core.multiarray.scalar,
-             "numeric._frombuffer": core.numeric._frombuffer}
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                               ("_codecs", "encode"): _latin1}
-    for package in ("numpy.core", "numpy._core"):
-        for qualified, part in parts.items():
-            module, name = qualified.split(".")
-            allowed[(f"{package}.{module}", name)] = part
-    return allowed
+@dataclass
+class Datasets:
+    """A dataset's splits: torch Datasets of ``(image tensor, int label)``.
 
-
-class CifarUnpickler(pickle.Unpickler):
-    """Reads what CIFAR's python format holds (bytes, str, int, lists, dicts, numpy arrays and dtypes) and
-    refuses any other object without creating it: a pickle's other objects can run code."""
-
-    allowed = _numpy_pickle_parts()
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.allowed:
-            raise pickle.UnpicklingError(f"holds a {module}.{name} object, which a CIFAR batch never does "
-                                         "(refused without creating it: a pickle's objects can run code)")
-        return self.allowed[(module, name)]
-
-
-def _unpickle(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"{path} is missing: expected the CIFAR 'python version' layout "
-                        "(cifar-10-batches-py/data_batch_1..5 and test_batch, or cifar-100-python/train and test)")
-    try:
-        with open(path, "rb") as file:
-            batch = CifarUnpickler(file, encoding="bytes").load()
-    except Exception as error:  # any malformed pickle: truncated, foreign, or carrying code (refused above)
-        raise DataError(f"{path} is not a CIFAR batch: {first_line(error)}") from None
-    if not isinstance(batch, dict):
-        raise DataError(f"{path} is not a CIFAR batch: it holds a {type(batch).__name__}, not a dict")
-    return batch
-
-
-def _cifar_batch(path: Path, label_key: bytes, classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``[N, 3, 32, 32]`` and labels of one CIFAR batch file, checked against each other."""
-    batch = _unpickle(path)
-    missing = [repr(key) for key in (b"data", label_key) if key not in batch]
-    if missing:
-        raise DataError(f"{path}: the CIFAR batch lacks {' and '.join(missing)}")
-    data, labels = batch[b"data"], batch[label_key]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"{path}: {b'data'!r} must be a uint8 array [N, 3072] (32x32 RGB images), got "
-                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise DataError(f"{path}: {label_key!r} must be a list of integer labels") from None
-    if labels.ndim != 1 or len(labels) != len(data):
-        raise DataError(f"{path}: {len(data)} images but {labels.size} labels in {label_key!r}")
-    out_of_range = labels[(labels < 0) | (labels >= classes)]
-    if out_of_range.size:
-        raise DataError(f"{path}: label {int(out_of_range[0])} in {label_key!r} is outside 0..{classes - 1} "
-                        f"(CIFAR-{classes} has {classes} classes)")
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-def _cifar_arrays(batches: list[Path], label_key: bytes, classes: int) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = zip(*(_cifar_batch(path, label_key, classes) for path in batches))
-    return np.concatenate(images), np.concatenate(labels)
-
-
-def _held_out(count: int, held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(kept, held_out)`` of a seeded random split of ``range(count)``."""
-    if not 0 < held < count:
-        raise DataError(f"cannot hold {held} of {count} training samples out for validation")
-    order = np.random.default_rng(seed).permutation(count)
-    return np.sort(order[held:]), np.sort(order[:held])
-
-
-def cifar(root: str | Path, classes: int = 10, val_size: int = 5000, image_size: int | None = None,
-          seed: int = 0) -> Datasets:
-    """CIFAR-10 (``classes=10``) or CIFAR-100 (``classes=100``, fine labels) from ``root``.
-
-    ``val`` is ``val_size`` training images held out at random (``seed``); ``test`` is the
-    official test set.
-    """
-    root = Path(root)
-    if classes == 10:
-        train_files, test_files, key = [root / f"data_batch_{i}" for i in range(1, 6)], [root / "test_batch"], b"labels"
-    elif classes == 100:
-        train_files, test_files, key = [root / "train"], [root / "test"], b"fine_labels"
-    else:
-        raise DataError(f"CIFAR has 10 or 100 classes, got classes={classes}")
-    x, y = _cifar_arrays(train_files, key, classes)
-    x_test, y_test = _cifar_arrays(test_files, key, classes)
-    kept, held = _held_out(len(x), val_size, seed)
-    return Datasets(ArrayImages(x[kept], y[kept], image_size), ArrayImages(x[held], y[held], image_size),
-                    ArrayImages(x_test, y_test, image_size), classes, augment=crop_and_flip(4))
-
-
-def cifar10(root: str | Path, val_size: int = 5000, image_size: int | None = None, seed: int = 0) -> Datasets:
-    """CIFAR-10, python pickle layout (``root`` = the ``cifar-10-batches-py`` folder)."""
-    return cifar(root, 10, val_size, image_size, seed)
-
-
-def cifar100(root: str | Path, val_size: int = 5000, image_size: int | None = None, seed: int = 0) -> Datasets:
-    """CIFAR-100 with its 100 fine labels (``root`` = the ``cifar-100-python`` folder)."""
-    return cifar(root, 100, val_size, image_size, seed)
-
-
-# -- image trees ------------------------------------------------------------------------
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _class_files(root: Path, classes: list[str] | None = None, wanted: Callable[[Path], bool] = _is_image,
-                 what: str = f"images ({', '.join(sorted(IMAGE_SUFFIXES))})") -> tuple[list[Path], list[int], list[str]]:
-    """Files of ``root/<class>/...`` that ``wanted`` accepts (classes sorted by name unless given),
-    and their labels. Every class folder must hold a file; with ``classes`` given (a test split
-    read against its training split), ``root`` may hold no class the training split lacks."""
-    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    training_split = classes is None
-    if training_split:
-        classes = found
-    if not classes:
-        raise DataError(f"folder {root} has no class sub-folders")
-    foreign = sorted(set(found) - set(classes))
-    if foreign:
-        raise DataError(f"folder {root} has class folder(s) {', '.join(foreign[:5])} that the training split "
-                        f"{root.parent / 'train'} lacks: its labels would be dropped; give both splits the same classes")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        folder = root / name
-        found_files = sorted(p for p in folder.rglob("*") if wanted(p)) if folder.is_dir() else []
-        if not found_files and training_split:
-            raise DataError(f"class folder {folder} has no {what}: an empty class cannot be learnt; "
-                            "remove the folder or add its samples")
-        files += found_files
-        labels += [label] * len(found_files)
-    if not files:
-        raise DataError(f"folder {root} has no {what} in its class sub-folders")
-    return files, labels, classes
-
-
-class ImageFiles(Dataset):
-    """Images read from disk as they are drawn, resized (shorter side to ``image_size * 8/7``)
-    and center-cropped to ``image_size``; training augmentation comes on top (``Datasets.augment``)."""
-
-    def __init__(self, files: list[Path], labels: list[int], image_size: int, grayscale: bool = False):
-        self.files, self.targets = files, labels
-        self.image_size, self.grayscale = image_size, grayscale
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        try:
-            with Image.open(self.files[index]) as image:
-                image = image.convert("L" if self.grayscale else "RGB")
-                image = self._center_crop(image)
-        except Exception as error:  # Pillow raises many types on bad files (OSError, SyntaxError, ValueError,
-            # DecompressionBombError for images over Image.MAX_IMAGE_PIXELS): each is a bad input file
-            raise DataError(f"cannot read image {self.files[index]}: {first_line(error)}") from None
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array[None] if self.grayscale else array.transpose(2, 0, 1).copy())
-        return tensor, self.targets[index]
-
-    def _center_crop(self, image):
-        size = self.image_size
-        short = max(size, round(size * 8 / 7))  # 256 for 224, as ImageNet evaluation does
-        scale = short / min(image.size)
-        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))))
-        left, top = (image.width - size) // 2, (image.height - size) // 2
-        return image.crop((left, top, left + size, top + size))
-
-
-def _random_split(count: int, val_fraction: float, test_fraction: float, seed: int):
-    order = np.random.default_rng(seed).permutation(count)
-    n_test, n_val = round(count * test_fraction), round(count * val_fraction)
-    if count - n_test - n_val < 1 or n_val < 1 or n_test < 1:
-        raise DataError(f"{count} samples are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
-    return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
-
-
-def _pick(items: list, indices) -> list:
-    return [items[i] for i in indices]
-
-
-def image_folder(root: str | Path, image_size: int = 32, grayscale: bool = False, val_fraction: float = 0.15,
-                 test_fraction: float = 0.2, seed: int = 0) -> Datasets:
-    """``root/<class name>/<image>`` files (any format Pillow reads), split at random with ``seed``."""
-    files, labels, classes = _class_files(Path(root))
-    train, val, test = _random_split(len(files), val_fraction, test_fraction, seed)
-
-    def split(indices):
-        return ImageFiles(_pick(files, indices), _pick(labels, indices), image_size, grayscale)
-
-    return Datasets(split(train), split(val), split(test), len(classes), augment=crop_and_flip(max(1, image_size // 8)))
-
-
-def imagenet_folder(root: str | Path, image_size: int = 224, val_size: int = 10000, seed: int = 0) -> Datasets:
-    """The ImageNet layout: ``root/train/<class>/...`` and ``root/val/<class>/...``.
-
-    ``test`` is the official validation set (what papers report); ``val``, which the
-    policy scores trials on, is ``val_size`` training images held out at random.
-    """
-    root = Path(root)
-    files, labels, classes = _class_files(root / "train")
-    test_files, test_labels, _ = _class_files(root / "val", classes)
-    kept, held = _held_out(len(files), min(val_size, len(files) // 2), seed)
-    return Datasets(ImageFiles(_pick(files, kept), _pick(labels, kept), image_size),
-                    ImageFiles(_pick(files, held), _pick(labels, held), image_size),
-                    ImageFiles(test_files, test_labels, image_size), len(classes), augment=resized_crop_and_flip())
-
-
-# -- event frames (SpikingJelly's frame conversion) ------------------------------------------
-
-
-class FrameFiles(Dataset):
-    """``.npz`` files holding ``frames`` ``[T, 2, H, W]``; samples are float ``[T, 2, H, W]``.
-
-    Every file must hold ``frames_number`` frames (the T its folder is named after): batches
-    stack the samples, so one file with another T would fail a whole batch.
+    ``augment`` (per image) is applied to the training split when a loader asks for it
+    (training and fine-tuning), never to evaluation. ``time_major``: samples are
+    ``[T, C, H, W]`` (event frames) and batches ``[T, N, C, H, W]``.
     """
 
-    def __init__(self, files: list[Path], labels: list[int], frames_number: int, image_size: int | None = None):
-        self.files, self.targets, self.image_size = files, labels, image_size
-        self.frames_number = frames_number
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    time_major: bool = False
+    workers: int = 0  # DataLoader worker processes (recipe ``data.workers``)
 
-    def __len__(self) -> int:
-        return len(self.files)
+    def split(self, name: str) -> Dataset:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; one of {', '.join(SPLITS)}")
+        return getattr(self, name)
 
-    def __getitem__(self, index: int):
-        path = self.files[index]
-        try:
-            with np.load(path, allow_pickle=False) as arrays:  # an object array (a pickle) is refused
-                frames = arrays["frames"]
-        except Exception as error:  # not a zip, no 'frames', a pickled array, a truncated member
-            raise DataError(f"{path} is not a frame file with array 'frames': {first_line(error)}") from None
-        if frames.ndim != 4 or frames.shape[0] != self.frames_number or frames.shape[1] != 2:
-            raise DataError(f"{path}: frames of shape {list(frames.shape)}, expected [{self.frames_number}, 2, H, W] "
-                            f"(T = {self.frames_number}, the folder's frames_number; two polarities)")
-        frames = torch.from_numpy(frames.astype(np.float32))
-        if self.image_size and frames.shape[-1] != self.image_size:
-            frames = F.interpolate(frames, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False)
-        return frames, self.targets[index]
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, limit: int | None = None,
+               augment: bool | None = None) -> DataLoader:
+        """Batches of ``split`` (the first ``limit`` samples).
+
+        ``augment`` defaults to "a shuffled training loader": training and fine-tuning
+        see augmented images, evaluation never does.
+        """
+        dataset = self.split(split)
+        if limit is not None and limit < len(dataset):
+            dataset = Subset(dataset, range(limit))
+        if augment is None:
+            augment = split == "train" and shuffle
+        if augment and self.augment is not None:
+            dataset = Augmented(dataset, self.augment)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.workers,
+                          generator=torch.Generator().manual_seed(seed),
+                          collate_fn=_time_major if self.time_major else None)
+
+    def images(self, split: str, count: int) -> np.ndarray:
+        """The first ``count`` images of ``split`` as one float32 batch (for calibration and export checks)."""
+        dataset = self.split(split)
+        batch = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+        return (batch.transpose(0, 1) if self.time_major else batch).numpy().astype(np.float32)
+
+    def labels(self, split: str) -> np.ndarray:
+        """Every label of ``split``: the dataset's ``targets`` when it has them, else read sample by sample."""
+        dataset = self.split(split)
+        targets = getattr(dataset, "targets", None)
+        if targets is None:
+            targets = [int(dataset[i][1]) for i in range(len(dataset))]
+        return np.asarray(targets, dtype=np.int64)
+
+    def example(self) -> torch.Tensor:
+        """A batch of one validation sample: what the model is probed and traced with."""
+        return torch.from_numpy(self.images("val", 1))
 
 
-def _frame_folder(root: Path, frames_number: int | None, split_by: str) -> tuple[Path, int]:
-    """The ``frames_number_<T>_split_by_<how>`` folder to read, and its T."""
-    pattern = re.compile(rf"frames_number_(\d+)_split_by_{re.escape(split_by)}$")
-    found = {int(m.group(1)): p for p in (root.iterdir() if root.is_dir() else []) if (m := pattern.match(p.name))}
-    if frames_number is not None and frames_number in found:
-        return found[frames_number], frames_number
-    if frames_number is None and len(found) == 1:
-        return next(iter(found.values())), next(iter(found))
-    raise DataError(f"{root} has {'no' if not found else 'several'} frames_number_<T>_split_by_{split_by} folders "
-                    f"({', '.join(sorted(p.name for p in found.values())) or 'none'}); convert the events with "
-                    "SpikingJelly (frames_number=T, split_by=...) or give data.args.frames_number")
+class LabelledTensors(TensorDataset):
+    """A TensorDataset of images and labels that exposes ``targets`` (labels without reading images)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__(images, labels)
+        self.targets = labels
 
 
-def _frame_files(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
-    return _class_files(root, classes, lambda p: p.suffix == ".npz", "<sample>.npz frame files")
+@dataclass(frozen=True)
+class DataSplits:
+    """A dataset that fits in memory: train / val / test arrays ``[N, C, H, W]`` and labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+    def map_images(self, fn: Callable[[np.ndarray], np.ndarray]) -> "DataSplits":
+        return replace(self, x_train=fn(self.x_train), x_val=fn(self.x_val), x_test=fn(self.x_test))
+
+    def datasets(self, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Datasets:
+        """The same splits as torch Datasets."""
+        def split(x, y):
+            return LabelledTensors(torch.from_numpy(x), torch.from_numpy(y))
+
+        return Datasets(split(self.x_train, self.y_train), split(self.x_val, self.y_val),
+                        split(self.x_test, self.y_test), self.num_classes, augment)
+
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
+               limit: int | None = None) -> DataLoader:
+        return self.datasets().loader(split, batch_size, shuffle, seed, limit)
 
 
-def dvs_frames(root: str | Path, frames_number: int | None = None, split_by: str = "number",
-               image_size: int | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-               seed: int = 0) -> Datasets:
-    """Event frames from SpikingJelly's conversion; T is the files' frame count.
+def as_datasets(data, where: str = "dataset") -> Datasets:
+    """``Datasets`` from what a dataset plugin returned (``Datasets`` or ``DataSplits``)."""
+    if isinstance(data, Datasets):
+        return data
+    if isinstance(data, DataSplits):
+        return data.datasets()
+    raise DataError(f"{where} returned {type(data).__name__}; a dataset must return primesvt_plugin.Datasets "
+                    "(torch Datasets per split) or primesvt_plugin.DataSplits (arrays)")
 
-    With ``train/`` and ``test/`` folders (DVS128 Gesture) the official split is kept and
-    ``val_fraction`` of train is held out; with class folders only (CIFAR10-DVS) the
-    samples are split at random. Batches are time-major ``[T, N, 2, H, W]``.
-    """
-    folder, frames_number = _frame_folder(Path(root), frames_number, split_by)
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        files, labels, classes = _frame_files(folder / "train")
-        test_files, test_labels, _ = _frame_files(folder / "test", classes)
-        kept, held = _held_out(len(files), max(1, round(len(files) * val_fraction)), seed)
-        splits = [(_pick(files, kept), _pick(labels, kept)), (_pick(files, held), _pick(labels, held)),
-                  (test_files, test_labels)]
-    else:
-        files, labels, classes = _frame_files(folder)
-        splits = [(_pick(files, i), _pick(labels, i))
-                  for i in _random_split(len(files), val_fraction, test_fraction, seed)]
-    train, val, test = (FrameFiles(f, y, frames_number, image_size) for f, y in splits)
-    return Datasets(train, val, test, len(classes), augment=crop_and_flip(padding=4), time_major=True)
+
+def split_arrays(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float,
+                 seed: int) -> DataSplits:
+    """Shuffle once with ``seed`` and cut into train / val / test."""
+    if x.ndim != 4:
+        raise DataError(f"images must be [N, C, H, W], got shape {x.shape}")
+    if y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{len(x)} images but labels of shape {list(y.shape)}: one label per image")
+    if not np.issubdtype(y.dtype, np.number) or (y != np.round(y)).any() or (y < 0).any():
+        raise DataError(f"labels must be whole numbers 0..classes-1, got {y.dtype} labels from {y.min()} to {y.max()}")
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order].astype(np.float32), y[order].astype(np.int64)
+    n_test, n_val = int(round(len(x) * test_fraction)), int(round(len(x) * val_fraction))
+    if len(x) - n_test - n_val < 1 or n_val < 1 or n_test < 1:
+        raise DataError(f"{len(x)} samples are too few for val_fraction={val_fraction}, "
+                        f"test_fraction={test_fraction}")
+    test, val, train = slice(0, n_test), slice(n_test, n_test + n_val), slice(n_test + n_val, None)
+    return DataSplits(x[train], y[train], x[val], y[val], x[test], y[test], int(y.max()) + 1)
+
+
+def resize(x: np.ndarray, image_size: int | None) -> np.ndarray:
+    if image_size is None or x.shape[-1] == image_size:
+        return x
+    resized = F.interpolate(torch.from_numpy(x), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return resized.numpy()

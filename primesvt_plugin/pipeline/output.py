@@ -27,16 +27,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import OutputError
+from ..files import umask_mode
 
 REPORT = "report.json"
 RUN_FORMAT = "primesvt-run/1"  # report.json's "format": how a run's output folder is recognised
-
-
-def umask_mode(directory: bool) -> int:
-    """The mode the user's umask gives a new folder (``directory``) or file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
 
 
 def _manifest(folder: Path) -> set[str] | None:

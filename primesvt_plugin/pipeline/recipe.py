@@ -7,6 +7,7 @@ leave it; ``out`` is resolved against the working directory.
 from __future__ import annotations
 
 from pathlib import Path
+import dataclasses
 import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -16,8 +17,11 @@ from pydantic import (BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, V
                       model_validator)
 
 from ..errors import RecipeError, shorten
+from ..pruning.config import DEFAULT_RATES, PrimeConfig
 
 DATA_PATH_ARGS = ("path", "root")
+# Mutable defaults are plain values, not factories: pydantic copies them for each recipe, and the JSON schema
+# (``primesvt schema``, ``recipe_fields``) shows them.
 
 
 def _whole_bytes(value: Any) -> Any:
@@ -52,7 +56,7 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     name: str = Field(description="registered builder (e.g. spikformer) or 'package.module:function'")
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = Field({})
     checkpoint: Path | None = Field(None, description="weights of the unpruned model: a state dict, or a training "
                                                       "checkpoint holding one under state_dict, model or module "
                                                       "(timm's, MAE's); a 'module.' prefix is removed")
@@ -62,7 +66,7 @@ class ModelSection(Section):
 
 class DataSection(Section):
     name: str = "digits"
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = Field({})
     val_subset: int | None = Field(None, gt=0, description="validation samples the pruning policy evaluates on")
     batch_size: int = Field(128, gt=0)
     workers: int = Field(0, ge=0, description="DataLoader worker processes reading the data")
@@ -109,9 +113,12 @@ class PruneSection(Section):
                                                                 "(weight-only) and FP32")
     max_accuracy_drop: float | None = Field(0.02, ge=0, le=1, description="allowed validation accuracy drop (0-1)")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="lowest validation accuracy allowed (0-1)")
-    rates: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    rates: list[float] = Field(list(DEFAULT_RATES))
     ratio: float = Field(0.3, ge=0, lt=1, description="uniform method: ratio of every group")
-    importance: str = "l2"
+    importance: str = Field("l2", description="the importance criterion ranking channels within a group: l2, l1, "
+                                               "taylor, random, memory, or a plugin's")
+    importance_args: dict[str, Any] = Field({}, description="keyword arguments of the importance "
+                                                                              "factory (e.g. {memory_weight: 0.5})")
     objective: Literal["target", "max_saving"] = Field(
         "target", description="target: stop at memory_saving (the last group loses only what reaches it); "
                               "max_saving: every chosen group at its highest feasible rate (the paper)")
@@ -148,6 +155,14 @@ class PruneSection(Section):
             raise ValueError("rates must be a non-empty list of fractions in (0, 1)")
         return rates
 
+    def to_config(self, **objects) -> PrimeConfig:
+        """The ``PrimeConfig`` of this section: its fields of the same names, plus ``objects`` (the deployment and
+        the chance level, which the run measures)."""
+        names = {f.name for f in dataclasses.fields(PrimeConfig)} & set(type(self).model_fields)
+        values = {name: getattr(self, name) for name in names}
+        values["memory_saving"] = self.memory_saving  # 0 with budgets alone: PrimeConfig reads it as no saving
+        return PrimeConfig(**{**values, "rates": tuple(self.rates), **objects})
+
 
 class DistillSection(Section):
     weight: float = Field(0.5, ge=0, le=1, description="share of the teacher's term in the loss (1 - weight: "
@@ -166,7 +181,7 @@ class FinetuneSection(ScheduleFields):
 class QuantizeSection(Section):
     method: str = "nncf_int8"
     calibration_size: int = Field(300, gt=0)
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = Field({})
     max_weight_fraction: float = Field(0.25, gt=0, description="check: the quantized weights of a pruned model are "
                                                                "at most this fraction of the unpruned FP32 parameters")
     max_accuracy_drop: float = Field(0.03, ge=0, description="check: the quantized model's test accuracy is at most "
@@ -174,7 +189,7 @@ class QuantizeSection(Section):
 
 
 class ExportSection(Section):
-    formats: list[str] = Field(default_factory=lambda: ["onnx", "openvino"])
+    formats: list[str] = Field(["onnx", "openvino"])
     inference_precision: Literal["f32", "bf16", "f16"] = Field(
         "f32", description="precision OpenVINO computes the floating-point operations in, for the export checks "
                            "and the INT8 model's evaluation; f32 unless the target runs bf16/f16 (spikes may flip)")
@@ -319,3 +334,35 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     recipe.source = path.resolve()
     recipe.input_files()  # refuses paths leaving the recipe's folder now, not mid-run
     return recipe
+
+
+REQUIRED = "required"  # what ``recipe_fields`` gives for a field with no default
+
+
+def recipe_fields(schema: dict | None = None) -> dict[str, Any]:
+    """Every field a recipe file may hold, by dotted path (``prune.flash_budget``), with its default (``REQUIRED``
+    when it has none), read from ``Recipe.model_json_schema()``: what ``primesvt schema`` prints and what
+    docs/recipes.md's field table is checked against."""
+    schema = schema or Recipe.model_json_schema()
+    definitions = schema.get("$defs", {})
+
+    def section(node: dict) -> dict | None:  # the section a property holds ($ref, or anyOf [$ref, null])
+        for option in [node, *node.get("anyOf", [])]:
+            if "$ref" in option:
+                return definitions[option["$ref"].rpartition("/")[2]]
+        return None
+
+    def walk(node: dict, prefix: str) -> dict[str, Any]:
+        fields = {}
+        required = set(node.get("required", ()))
+        for name, prop in node.get("properties", {}).items():
+            if name == "source":  # set by load_recipe, never read from the file
+                continue
+            inner = section(prop)
+            if inner is not None:
+                fields.update(walk(inner, f"{prefix}{name}."))
+            else:
+                fields[prefix + name] = REQUIRED if name in required else prop["default"]
+        return fields
+
+    return walk(schema, "")

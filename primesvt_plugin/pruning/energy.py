@@ -23,7 +23,7 @@ from spikingjelly.activation_based.op_counter import SimpleEnergyConfig, SimpleE
 from spikingjelly.activation_based.op_counter.simple_energy import SimpleEnergyProfiler
 
 from ..errors import ArgumentError
-from .memory import Deployment, quantized_weights
+from ..targets import Deployment, quantized_weights
 from .spiking import has_time_axis, inference, overridden_forward
 
 PRECISIONS = {"fp32": SimpleEnergyCostConfig.fp32, "fp16": SimpleEnergyCostConfig.fp16,

@@ -19,13 +19,14 @@ import torch_pruning as tp
 from spikingjelly.activation_based import functional
 
 from ..errors import UnhandledLayerError
-from ..plugins import get_plugin_manager
+from ..plugins import get_plugin_manager, spiking_layer_types
 from .accounting import attention_ops, ops_of_tp_group
 from .attention import INNER, WIDTH, AttentionLayout
 from .channels import ChannelOp, tp_pruning_fn
 from .inference import infer_layout, recorded_calls
 from .memory import state_and_outputs
-from .spiking import map_tensors, model_output, one_sample, stateful_modules, to_model_device
+from .spiking import (fresh_forward, map_tensors, model_output, one_sample, stateful_modules, stepped_by_mode,
+                      to_model_device)
 from .tracing import passthrough, structure_keeping_passthrough, trace_forward_fn
 from .widths import width_trace
 
@@ -121,7 +122,7 @@ class SpikingGraph:
         self.pm = pm or get_plugin_manager()
         self.output_transform, self.call = output_transform, forward_fn  # how the checks run the model
         self.names = {m: n for n, m in model.named_modules()}
-        self.spiking_types = tuple(t for types in self.pm.hook.primesvt_spiking_layer_types() for t in types)
+        self.spiking_types = spiking_layer_types(self.pm)
         self.layouts = {m: layout for m in model.modules()
                         if (layout := self.pm.hook.primesvt_attention_layout(module=m)) is not None}
         # one pass of one sample: each neuron's state, each layer's output (what RAM predictions need), the
@@ -130,8 +131,12 @@ class SpikingGraph:
         self.sample_inputs = map_tensors(torch.clone, one_sample(model, example_inputs))  # not views of the batch
         blocks = list(self.layouts) + self._undescribed_attention()
         with width_trace(model) as trace, recorded_calls(blocks) as self.block_calls:
-            sample = state_and_outputs(model, self.sample_inputs, output_transform=output_transform,
-                                       forward_fn=forward_fn)
+            try:
+                sample = state_and_outputs(model, self.sample_inputs, output_transform=output_transform,
+                                           forward_fn=forward_fn)
+            except Exception as error:
+                self._refuse_a_hidden_time_axis(example_inputs, forward_fn, error)
+                raise
         self.state_bytes, self.layer_outputs, self.output_shape = sample
         self.width_calls = trace.calls
         self._infer_layouts(blocks)
@@ -141,6 +146,7 @@ class SpikingGraph:
         self.spiking_layers = [m for m in model.modules()
                                if isinstance(m, self.spiking_types) and m not in inside_attention]
         self._check_state_is_handled(inside_attention)
+        self._refuse_per_channel_neurons_in_attention()
         self.customized_pruners = self._customized_pruners()
         self.forward_fn = trace_forward_fn(self._stand_ins(), forward_fn)
         was_training = model.training
@@ -156,6 +162,21 @@ class SpikingGraph:
         self.output_layers = self._output_layers()
         self.ignored_layers = list(ignored_layers)
         self._inner_channel_ops: dict[int, tuple] = {}
+
+    def _refuse_a_hidden_time_axis(self, example_inputs, forward_fn, error: Exception) -> None:
+        """A model with no integer ``T`` whose SpikingJelly layers all run multi-step is taken to step over its
+        input's first axis (``parametric_lif_net``); one that failed on a sample cut that way but runs on the first
+        sample of the batch repeats its input over time inside its forward, at a count tracing cannot set to 1."""
+        if not stepped_by_mode(self.model) or not isinstance(example_inputs, torch.Tensor):
+            return
+        try:
+            fresh_forward(self.model, example_inputs[:1], forward_fn)
+        except Exception:
+            return  # it fails either way: its own error says why
+        raise UnhandledLayerError(
+            f"the model ({type(self.model).__qualname__}) runs on [N, ...] batches and repeats them over time "
+            "in its forward, but has no integer T attribute (its time steps): tracing runs it at one time step by "
+            "setting T to 1; store the count as self.T and use it in forward") from error
 
     def _tp_output_transform(self, output):
         return model_output(output, self.output_transform)
@@ -229,6 +250,20 @@ class SpikingGraph:
                 self._refuse(m, f"keeps state ({', '.join(m._memories)})",
                              "primesvt_spiking_layer_types / primesvt_prune_spiking_layer "
                              "(see examples/primesvt-example-neuron)")
+
+    def _refuse_per_channel_neurons_in_attention(self) -> None:
+        """Neurons inside an attention block are hidden from the graph and never pruned (``AttentionLayout``):
+        one holding a tensor per channel would keep its width and break the pruned forward."""
+        for block in self.layouts:
+            for m in block.modules():
+                per_channel = [name for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+                               if isinstance(m, self.spiking_types) and max(t.shape, default=1) > 1]
+                if per_channel:
+                    raise UnhandledLayerError(
+                        f"neuron {self.names[m]!r} ({type(m).__qualname__}) inside attention block "
+                        f"{self.names[block]!r} holds per-channel tensors ({', '.join(per_channel)}), and neurons "
+                        "inside an attention block are not pruned: use a neuron with scalar parameters there, or "
+                        "move it out of the block")
 
     def _refuse(self, module: nn.Module, why: str, hooks: str) -> None:
         raise UnhandledLayerError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import numbers
@@ -35,20 +36,19 @@ import torch_pruning as tp
 
 from ..errors import ArgumentError, EvaluationError
 from .accounting import ops_bytes, ops_energy
+from .config import PrimeConfig
 from .energy import layer_energy_pj
 from .graph import PruningGroup, SpikingGraph
 from .importance import example_gradients, needs_gradients
-from .memory import FP32, SAVING_MEASURES, Deployment, Footprint, LedgerState, footprint, footprint_of
+from .memory import Footprint, LedgerState, footprint, footprint_of
 from .pruner import apply_plan
-from .search import OBJECTIVES, SEARCHES, PlanSearch
-from .records import Constraints, GroupRecord, Measured, PrimeReport, PrimeResult, Pruned, Scored, Trial
+from .search import PlanSearch
+from .records import Constraints, GroupRecord, Measured, PrimeReport, PrimeResult, Pruned, Scored
 from .spiking import fresh_forward, inference, to_model_device
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CHANCE_MARGIN = 0.01  # a baseline this close to chance_accuracy counts as chance
-RANKINGS = ("memory", "energy", "both")
 
 
 class _Evaluator:
@@ -81,17 +81,6 @@ def _as_score(value, call: int) -> float:
     return float(value)
 
 
-def _check_number(name: str, value, low: float = -math.inf) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                              or not math.isfinite(value) or value < low):
-        raise ArgumentError(f"{name} must be a finite number >= {low}, got {value!r}")
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 def _check_example_inputs(model: nn.Module, example_inputs) -> None:
     """Refuse an example input the model cannot run on, naming its shape and the model's error."""
     if not isinstance(example_inputs, torch.Tensor):
@@ -111,17 +100,12 @@ def _chance_warnings(baseline: float, chance_accuracy: float | None) -> list[str
             "learned the task, so its accuracy says nothing about what pruning removes; train the model first"]
 
 
-def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], float], *,
-          memory_saving: float | None = None, max_accuracy_drop: float | None = None,
-          min_accuracy: float | None = None, flash_budget: int | None = None, ram_budget: int | None = None,
-          deployment: Deployment = FP32,
-          rates: Sequence[float] = DEFAULT_RATES, memory: str = "parameters",
-          importance: tp.importance.Importance | None = None,
+def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn.Module], float],
+          config: PrimeConfig | None = None, *, importance: tp.importance.Importance | None = None,
           finetune: Callable[[nn.Module], None] | None = None, ignored_layers: Sequence[nn.Module] = (),
           inplace: bool = False, progress: bool = True, pm: pluggy.PluginManager | None = None,
-          chance_accuracy: float | None = None, objective: str = "target", round_to: int = 1,
-          search: str = "bisect", rank_by: str = "memory",
-          energy_inputs: torch.Tensor | None = None, output_transform: Callable | None = None) -> PrimeResult:
+          energy_inputs: torch.Tensor | None = None, output_transform: Callable | None = None,
+          **options) -> PrimeResult:
     """Prune ``model`` to save ``memory_saving`` of its memory within an accuracy budget.
 
     ``evaluate(model) -> float`` scores the model (higher is better, e.g. accuracy
@@ -132,7 +116,7 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     (a copy unless ``inplace``) and a ``PrimeReport``. When the saving cannot be
     reached within the budget, the best feasible plan is applied and the report says why.
     ``flash_budget`` and ``ram_budget`` (bytes, with or instead of ``memory_saving``) bound
-    the device's two memories under ``deployment`` (``memory.FP32``, ``memory.INT8``, or one
+    the device's two memories under ``deployment`` (``targets.FP32``, ``targets.INT8``, or one
     ``calibrated`` on a written weight file): the search stops when every target holds.
     ``chance_accuracy`` is the score of guessing (e.g. the majority-class fraction):
     a baseline at or below it (+0.01) puts a warning in ``report.warnings`` and
@@ -156,70 +140,36 @@ def prime(model: nn.Module, example_inputs: torch.Tensor, evaluate: Callable[[nn
     (the sum of the group's share of all groups' bytes and of their energy). The target
     stays the memory saving and budgets; the ranking decides where it is taken first.
 
+    The policy's options (``memory_saving`` ... ``chance_accuracy``, below) come as a ``PrimeConfig``
+    (``config``) or as keyword arguments, validated there; keyword arguments given with a ``config``
+    replace its fields.
+
     ``output_transform(output) -> tensor`` picks the output tensor the checks compare from what the
     model returns (as Torch-Pruning's); by default the output itself, or the first tensor of a tuple
     (SDT returns ``(logits, hook)``). ``evaluate`` receives the model as it is and reads its outputs itself.
     """
-    rates = _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates)
-    _check_budgets(memory_saving, flash_budget, ram_budget, deployment)
-    memory_saving = memory_saving or 0.0
-    _check_choice("objective", objective, OBJECTIVES)
-    _check_choice("search", search, SEARCHES)
-    _check_choice("rank_by", rank_by, RANKINGS)
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ArgumentError(f"round_to must be a positive integer, got {round_to!r}")
+    config = PrimeConfig(**options) if config is None else dataclasses.replace(config, **options)
     was_training = model.training
     if not inplace:
         copies: dict[int, object] = {}
         model = copy.deepcopy(model, copies)
         ignored_layers = [copies.get(id(layer), layer) for layer in ignored_layers]  # the copy's own layers
     example_inputs = to_model_device(model, example_inputs)
-    energy_inputs = None if rank_by == "memory" else to_model_device(
+    energy_inputs = None if config.rank_by == "memory" else to_model_device(
         model, example_inputs if energy_inputs is None else energy_inputs)
     model.eval()
     try:
-        state = _Search.start(model, example_inputs, evaluate, ignored_layers, importance, memory, deployment, pm,
-                              rank_by, energy_inputs, output_transform)
-        constraints = state.constraints(memory_saving, max_accuracy_drop, min_accuracy, objective, round_to,
-                                        flash_budget, ram_budget)
-        warnings = _chance_warnings(state.baseline, chance_accuracy)
+        run = _PolicyRun.start(model, example_inputs, evaluate, config, ignored_layers, importance, pm, energy_inputs,
+                               output_transform)
+        constraints = run.constraints()
+        warnings = _chance_warnings(run.baseline, config.chance_accuracy)
         for warning in warnings:
             log.warning(warning)
-        plan, predicted = state.run(rates, constraints, search, progress)
-        outcome = state.apply(plan, finetune)
+        plan, predicted = run.search(constraints, progress)
+        outcome = run.apply(plan, finetune)
     finally:
         model.train(was_training)
-    return PrimeResult(model, _report(state, constraints, warnings, plan, predicted, outcome, rates, search,
-                                      rank_by))
-
-
-def _validated(memory_saving, max_accuracy_drop, min_accuracy, chance_accuracy, memory, rates) -> list[float]:
-    """Refuse arguments prime() cannot honour; the rates sorted and deduplicated."""
-    _check_number("memory_saving", memory_saving, 0.0)
-    if memory_saving is not None and memory_saving >= 1.0:
-        raise ArgumentError(f"memory_saving must be a fraction in [0, 1), got {memory_saving}")
-    if max_accuracy_drop is None and min_accuracy is None:
-        raise ArgumentError("give max_accuracy_drop and/or min_accuracy: the accuracy budget")
-    _check_number("max_accuracy_drop", max_accuracy_drop, 0.0)
-    _check_number("min_accuracy", min_accuracy)
-    _check_number("chance_accuracy", chance_accuracy)
-    if memory not in SAVING_MEASURES:
-        raise ArgumentError(f"memory measure must be one of {SAVING_MEASURES}, got {memory!r}")
-    rates = sorted({float(r) for r in rates})
-    if not rates or rates[0] <= 0 or rates[-1] >= 1:
-        raise ArgumentError(f"rates must be fractions in (0, 1), got {rates}")
-    return rates
-
-
-def _check_budgets(memory_saving, flash_budget, ram_budget, deployment) -> None:
-    if memory_saving is None and flash_budget is None and ram_budget is None:
-        raise ArgumentError("give memory_saving (a fraction) and/or flash_budget / ram_budget (bytes): the target")
-    for name, budget in (("flash_budget", flash_budget), ("ram_budget", ram_budget)):
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Integral)
-                                   or budget <= 0):
-            raise ArgumentError(f"{name} must be a positive whole number of bytes, got {budget!r}")
-    if not isinstance(deployment, Deployment):
-        raise ArgumentError(f"deployment must be a primesvt_plugin.Deployment (FP32, INT8, ...), got {deployment!r}")
+    return PrimeResult(model, _report(run, constraints, warnings, plan, predicted, outcome))
 
 
 @dataclass
@@ -230,25 +180,24 @@ class _Outcome:
 
 
 @dataclass
-class _Search:
-    """The model's groups, ranked and scored, and the trials run on them."""
+class _PolicyRun:
+    """One run of the policy on a model: its groups ranked and scored, the trials, the plan applied."""
 
     model: nn.Module
     example_inputs: torch.Tensor
+    config: PrimeConfig
     graph: SpikingGraph
     groups: list[PruningGroup]  # largest first
     scores: dict[str, torch.Tensor]
     records: dict[str, GroupRecord]
     before: Footprint
-    memory: str
-    deployment: Deployment
     evaluate: "_Evaluator"
     baseline: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, model, example_inputs, evaluate, ignored_layers, importance, memory, deployment,
-              pm, rank_by="memory", energy_inputs=None, output_transform=None) -> "_Search":
+    def start(cls, model, example_inputs, evaluate, config: PrimeConfig, ignored_layers, importance, pm,
+              energy_inputs=None, output_transform=None) -> "_PolicyRun":
         """Trace, score and rank the groups; evaluate the unpruned model."""
         clock = time.perf_counter()
         _check_example_inputs(model, example_inputs)
@@ -259,39 +208,38 @@ class _Search:
         with gradients or contextlib.nullcontext():
             scores = {g.name: importance(g.importance_group) for g in groups}
         groups = [g for g in groups if scores[g.name] is not None]
-        energy = None if rank_by == "memory" else layer_energy_pj(model, energy_inputs, deployment.energy_precision)
+        deployment = config.deployment
+        energy = None if config.rank_by == "memory" else layer_energy_pj(model, energy_inputs,
+                                                                         deployment.energy_precision)
         records = {g.name: _record(g, graph, energy) for g in groups}
         if energy is not None and groups and not any(r.energy_pj for r in records.values()):
-            raise ArgumentError(f"rank_by={rank_by!r}: op_counter counted no energy in any layer the groups touch, "
-                                "so energy cannot order them; use rank_by='memory' or layers op_counter counts")
-        ranking = _ranking(list(records.values()), memory, rank_by)
+            raise ArgumentError(f"rank_by={config.rank_by!r}: op_counter counted no energy in any layer the groups "
+                                "touch, so energy cannot order them; use rank_by='memory' or layers op_counter counts")
+        ranking = _ranking(list(records.values()), config.memory, config.rank_by)
         groups.sort(key=lambda g: ranking(records[g.name]), reverse=True)
         before = footprint_of(model, graph.state_bytes, graph.layer_outputs, deployment)  # the graph's own pass
-        search = cls(model, example_inputs, graph, groups, scores, records, before, memory, deployment,
-                     _Evaluator(evaluate, model))
-        search.timings["trace_and_rank"] = time.perf_counter() - clock
+        run = cls(model, example_inputs, config, graph, groups, scores, records, before, _Evaluator(evaluate, model))
+        run.timings["trace_and_rank"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        search.baseline = search.evaluate()
-        search.timings["one_evaluation"] = time.perf_counter() - clock
-        return search
+        run.baseline = run.evaluate()
+        run.timings["one_evaluation"] = time.perf_counter() - clock
+        return run
 
-    def constraints(self, memory_saving, max_accuracy_drop, min_accuracy, objective, round_to, flash_budget,
-                    ram_budget) -> Constraints:
-        floors = [] if max_accuracy_drop is None else [self.baseline - max_accuracy_drop]
-        floor = max(floors + ([] if min_accuracy is None else [min_accuracy]))  # the stricter wins
-        return Constraints(memory_saving, self.memory, max_accuracy_drop, min_accuracy, floor, objective, round_to,
-                           flash_budget, ram_budget, self.deployment.name, self.deployment.margin_bytes)
+    def constraints(self) -> Constraints:
+        c = self.config
+        floors = [] if c.max_accuracy_drop is None else [self.baseline - c.max_accuracy_drop]
+        floor = max(floors + ([] if c.min_accuracy is None else [c.min_accuracy]))  # the stricter wins
+        return Constraints(c.saving, c.memory, c.max_accuracy_drop, c.min_accuracy, floor, c.objective, c.round_to,
+                           c.flash_budget, c.ram_budget, c.deployment.name, c.deployment.margin_bytes)
 
-    def run(self, rates: list[float], constraints: Constraints, search: str,
-            progress: bool) -> tuple[dict[str, list[int]], Footprint]:
+    def search(self, constraints: Constraints, progress: bool) -> tuple[dict[str, list[int]], Footprint]:
         """Find the plan (``search.py``); returns it and its predicted footprint."""
         clock = time.perf_counter()
-        ledger = LedgerState(self.model, self.graph.state_bytes, self.graph.layer_outputs, self.deployment)
+        ledger = LedgerState(self.model, self.graph.state_bytes, self.graph.layer_outputs, self.config.deployment)
         plan_search = PlanSearch(
             self.groups, self.records, lambda group, count: group.select(self.scores[group.name], count),
-            self.evaluate, constraints.accuracy_floor, ledger, self.before, self.memory,
-            constraints.targets(self.before), rates, objective=constraints.objective, bisect=search == "bisect",
-            round_to=constraints.round_to, progress=progress)
+            self.evaluate, constraints.accuracy_floor, ledger, self.before, constraints.targets(self.before),
+            self.config, progress=progress)
         result = plan_search.run()
         self.timings["search"] = time.perf_counter() - clock
         return result
@@ -300,7 +248,7 @@ class _Search:
         """Prune the plan structurally, evaluate, and fine-tune if asked."""
         clock = time.perf_counter()
         apply_plan(self.graph, plan, self.groups)
-        after = footprint(self.model, self.example_inputs, self.deployment)
+        after = footprint(self.model, self.example_inputs, self.config.deployment)
         self.timings["prune"] = time.perf_counter() - clock
         pruned_accuracy = self.evaluate() if plan else self.baseline  # an empty plan leaves the model as it was
         finetuned_accuracy = None
@@ -314,30 +262,31 @@ class _Search:
         return _Outcome(after, pruned_accuracy, finetuned_accuracy)
 
 
-def _report(search: _Search, constraints: Constraints, warnings: list[str], plan, predicted: Footprint,
-            outcome: _Outcome, rates: list[float], search_method: str, rank_by: str) -> PrimeReport:
-    before, after, memory = search.before, outcome.after, search.memory
-    saving = 1.0 - after.bytes_of(memory) / before.bytes_of(memory)
+def _report(run: _PolicyRun, constraints: Constraints, warnings: list[str], plan, predicted: Footprint,
+            outcome: _Outcome) -> PrimeReport:
+    config, before, after = run.config, run.before, outcome.after
+    saving = 1.0 - after.bytes_of(config.memory) / before.bytes_of(config.memory)
     final = outcome.pruned_accuracy if outcome.finetuned_accuracy is None else outcome.finetuned_accuracy
     floor = constraints.accuracy_floor
     outcomes = constraints.outcomes(before, after)
     met = all(ok for ok, _ in outcomes) and final >= floor - 1e-9 and not warnings
-    records = [search.records[g.name] for g in search.groups]
-    at_highest_rate = all(r.chosen_rate == rates[-1] for r in records)  # every group at the last rate
-    seconds = search.timings
+    records = [run.records[g.name] for g in run.groups]
+    at_highest_rate = all(r.chosen_rate == config.rates[-1] for r in records)  # every group at the last rate
+    seconds = run.timings
     return PrimeReport(
         constraints=constraints, constraints_met=met,
         reason=warnings[0] if warnings else _reason(met, outcomes, final, floor, len(records),
                                                     at_highest_rate=at_highest_rate),
         warnings=warnings,
-        baseline=Measured(search.baseline, before),
+        baseline=Measured(run.baseline, before),
         pruned=Pruned(outcome.pruned_accuracy, after, memory_saving=saving,
                       footprint_saving=1.0 - after.total_bytes / before.total_bytes,
                       parameter_saving=1.0 - after.param_bytes / before.param_bytes, predicted_memory=predicted),
         finetuned=None if outcome.finetuned_accuracy is None else Scored(outcome.finetuned_accuracy),
-        groups=records, plan=plan, evaluations=search.evaluate.calls,
+        groups=records, plan=plan, evaluations=run.evaluate.calls,
         search_in_evaluation_passes=seconds.get("search", 0.0) / max(seconds["one_evaluation"], 1e-9),
-        rates=rates, timings_s={k: round(v, 3) for k, v in seconds.items()}, search=search_method, rank_by=rank_by,
+        rates=list(config.rates), timings_s={k: round(v, 3) for k, v in seconds.items()}, search=config.search,
+        rank_by=config.rank_by,
     )
 
 

@@ -75,21 +75,45 @@ class Constraints:
             targets["ram"] = self.ram_budget
         return targets
 
-    def outcomes(self, before: Footprint, after: Footprint) -> list[tuple[bool, str]]:
-        """Each target (the saving when asked, each budget) with whether ``after`` meets it, in words."""
-        outcomes = []
+    def verdicts(self, before: Footprint, after: Footprint, flash_bytes: int | None = None,
+                 margin: bool = True) -> list[Verdict]:
+        """Each target (the saving when asked, each budget) and whether ``after`` meets it: what ``prime()``
+        judges its plan by (flash within the margin) and the run's checks judge the written files by
+        (``flash_bytes``: a file's size, against the budget itself)."""
+        verdicts = []
         if self.memory_saving > 0:
             saving = 1 - after.bytes_of(self.memory) / before.bytes_of(self.memory)
-            ok = saving >= self.memory_saving - 1e-9
-            outcomes.append((ok, f"memory saving {saving:.2%} {'>=' if ok else '<'} {self.memory_saving:.2%}"))
-        targets = self.targets(before)
+            verdicts.append(Verdict("saving", saving >= self.memory_saving - 1e-9, saving, self.memory_saving))
         for measure, budget in (("flash", self.flash_budget), ("ram", self.ram_budget)):
-            if budget is not None:
-                ok = after.bytes_of(measure) <= targets[measure]
-                margin = f", {self.flash_margin:,} B margin" if measure == "flash" and self.flash_margin else ""
-                outcomes.append((ok, f"{measure} {after.bytes_of(measure):,} B {'<=' if ok else '>'} budget "
-                                     f"{budget:,} B ({self.deployment}{margin})"))
+            if budget is None:
+                continue
+            limit = self.targets(before)[measure] if margin else budget
+            value = flash_bytes if measure == "flash" and flash_bytes is not None else after.bytes_of(measure)
+            verdicts.append(Verdict(measure, value <= limit, value, budget))
+        return verdicts
+
+    def outcomes(self, before: Footprint, after: Footprint) -> list[tuple[bool, str]]:
+        """Each target with whether ``after`` meets it, in the words of ``prime()``'s reason."""
+        outcomes = []
+        for verdict in self.verdicts(before, after):
+            if verdict.measure == "saving":
+                outcomes.append((verdict.ok, f"memory saving {verdict.value:.2%} {'>=' if verdict.ok else '<'} "
+                                             f"{verdict.wanted:.2%}"))
+            else:
+                margin = f", {self.flash_margin:,} B margin" if verdict.measure == "flash" and self.flash_margin else ""
+                outcomes.append((verdict.ok, f"{verdict.measure} {verdict.value:,} B {'<=' if verdict.ok else '>'} "
+                                             f"budget {verdict.wanted:,} B ({self.deployment}{margin})"))
         return outcomes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target judged: ``value`` (a saving, or bytes kept) against ``wanted`` (the asked saving, or the budget)."""
+
+    measure: str  # "saving" | "flash" | "ram"
+    ok: bool
+    value: float
+    wanted: float
 
 
 @dataclass

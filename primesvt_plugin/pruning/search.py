@@ -29,13 +29,12 @@ from typing import Callable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from .channels import ChannelOp
+from .config import PrimeConfig
 from .graph import PruningGroup
 from .masking import Masks
 from .memory import Footprint, LedgerState
 from .records import GroupRecord, Trial
 
-OBJECTIVES = ("target", "max_saving")
-SEARCHES = ("bisect", "sweep")
 
 
 def removal_counts(group: PruningGroup, round_to: int = 1) -> list[int]:
@@ -90,12 +89,8 @@ class PlanSearch:
     floor: float
     ledger: LedgerState
     before: Footprint
-    memory: str  # what ``freed_bytes`` counts
     targets: dict[str, float]  # measure ("parameters", "flash", ...) -> the most bytes it may keep
-    rates: list[float]
-    objective: str = "target"
-    bisect: bool = True
-    round_to: int = 1
+    config: PrimeConfig  # rates, objective, search (bisect or sweep), round_to, memory (what freed_bytes counts)
     progress: bool = False
     masks: Masks = field(default_factory=Masks)
     chosen_ops: list[ChannelOp] = field(default_factory=list)
@@ -123,7 +118,7 @@ class PlanSearch:
         finally:
             bar.close()
             self.masks.clear()
-        if self.objective == "target" and self._reached(self.ledger.footprint()):
+        if self.config.objective == "target" and self._reached(self.ledger.footprint()):
             chosen = self._trimmed(chosen, initial)
         return self._account(chosen, initial)
 
@@ -140,7 +135,7 @@ class PlanSearch:
 
         for name in reversed(list(chosen)):
             group = chosen[name][0]
-            fewer = [c for c in [0] + removal_counts(group, self.round_to) if c <= counts[name]][::-1]
+            fewer = [c for c in [0] + removal_counts(group, self.config.round_to) if c <= counts[name]][::-1]
             counts[name] = fewer[highest_feasible(fewer, lambda c: reaches(name, c), bisect=True)]
         return {name: (group, counts[name], rate if counts[name] == count else counts[name] / group.size)
                 for name, (group, count, rate) in chosen.items() if counts[name]}
@@ -163,7 +158,7 @@ class PlanSearch:
                 ledger.remove(op)
             after = ledger.footprint()
             record = self.records[name]
-            record.freed_bytes = predicted.bytes_of(self.memory) - after.bytes_of(self.memory)
+            record.freed_bytes = predicted.bytes_of(self.config.memory) - after.bytes_of(self.config.memory)
             record.chosen_rate, record.removed_channels = rate, count
             predicted = after
         return plan, predicted
@@ -173,20 +168,20 @@ class PlanSearch:
 
     def _choose(self, group: PruningGroup) -> tuple[int, float]:
         """The count of channels ``group`` loses (0: none) and the rate it is reported at."""
-        counts = removal_counts(group, self.round_to)
-        grid = rate_grid(group, self.rates, counts)
+        counts = removal_counts(group, self.config.round_to)
+        grid = rate_grid(group, self.config.rates, counts)
         target = self._robustness(group, grid)
         if target == 0:
             return 0, 0.0
         cap = target
-        if self.objective == "target":
+        if self.config.objective == "target":
             cap = min(cap, self._count_reaching_targets(group, [c for c in counts if c <= target]) or cap)
         rate_of = {count: rate for rate, count in grid}
         candidates = [c for _, c in grid if c < cap]
         if self._combined(group, cap) >= self.floor:
             count = cap
         else:
-            best = highest_feasible(candidates, lambda c: self._combined(group, c) >= self.floor, self.bisect)
+            best = highest_feasible(candidates, lambda c: self._combined(group, c) >= self.floor, self.config.search == "bisect")
             count = candidates[best] if best >= 0 else 0
         return count, rate_of.get(count, count / group.size)
 
@@ -200,7 +195,7 @@ class PlanSearch:
             record.sensitivity.append(Trial(rate, count, accuracy))
             return accuracy >= self.floor
 
-        best = highest_feasible(grid, feasible, self.bisect)
+        best = highest_feasible(grid, feasible, self.config.search == "bisect")
         record.sensitivity.sort(key=lambda trial: trial.removed)
         record.target_rate = grid[best][0] if best >= 0 else 0.0
         return grid[best][1] if best >= 0 else 0

@@ -154,9 +154,9 @@ class WidthTrace(TorchFunctionMode):
 
 
 def _describe(rewritable: set[Source], before: ReshapeCall, shape: tuple[int, ...]) -> str:
-    names = ", ".join(sorted(name for _, name in rewritable)) or "no attribute"
-    return (f"a reshape to {list(before.sizes)} of a tensor now {list(shape)} (was {list(before.input_shape)}), "
-            f"sizes from {names}")
+    names = ", ".join(sorted(name for _, name in rewritable))
+    source = f"sizes from {names}" if names else "sizes that are constants or come from no attribute"
+    return f"a reshape to {list(before.sizes)} of a tensor now {list(shape)} (was {list(before.input_shape)}), {source}"
 
 
 def _covering_dims(input_shape, output_shape, axes: list[int]) -> list[int]:

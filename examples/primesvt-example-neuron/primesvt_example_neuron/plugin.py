@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-from primesvt_plugin import DataSplits, OpenVINOArtifact, digits_splits, hookimpl, to_openvino_model
+from primesvt_plugin import DataSplits, Deployment, OpenVINOArtifact, digits_splits, hookimpl, to_openvino_model
 from spikingjelly.activation_based.model import spikformer
 
 from .neuron import ChannelThresholdLIF
@@ -41,11 +41,16 @@ def mirrored_digits(**args) -> DataSplits:
     return splits.map_images(lambda images: np.ascontiguousarray(images[..., ::-1]))
 
 
-def export_state_dict_fp16(model: nn.Module, example_input: torch.Tensor, path) -> list:
-    """Write the model's parameters in half precision (``path`` + ``.fp16.pt``)."""
+def export_state_dict_fp16(model: nn.Module, example_input: torch.Tensor, path, *, verification=None, calibration=None,
+                           pm=None) -> list:
+    """Write the model's parameters in half precision (``path`` + ``.fp16.pt``); a state dict runs nothing,
+    so there is nothing to verify."""
     target = path.with_suffix(".fp16.pt")
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, target)
     return [target]
+
+
+export_state_dict_fp16.time_major = False
 
 
 @hookimpl
@@ -65,11 +70,18 @@ def primesvt_export_forward(layer):
     return forward
 
 
-def int8_weights_only(model, example_input, calibration, subset_size: int = 300):
+def int8_weights_only(model, example_input, calibration, *, subset_size: int = 300, inference_precision: str = "f32",
+                      pm=None):
     """NNCF weight-only INT8 compression (no calibration needed) on the OpenVINO IR."""
     import nncf
 
-    return OpenVINOArtifact(nncf.compress_weights(to_openvino_model(model, example_input)))
+    return OpenVINOArtifact(nncf.compress_weights(to_openvino_model(model, example_input, pm)), inference_precision)
+
+
+# What the quantizer's files hold: INT8 weights (1 B each) with per-channel scales, activations left in float
+int8_weights_only.deployment = Deployment("int8-weights", weight_bytes=1, channel_bytes=8, other_bytes=4,
+                                          activation_bytes=4, weight_precision="int8")
+int8_weights_only.precisions = ("int8",)
 
 
 @hookimpl
