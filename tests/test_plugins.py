@@ -414,3 +414,25 @@ def test_unknown_stateful_layer_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), counter, nn.Conv2d(8, 4, 3))
     with pytest.raises(UnhandledLayerError, match=r"layer '2'.*MemoryModule.*count"):
         SpikingGraph(model, torch.rand(1, 3, 8, 8), pm=builtins_only())
+
+
+def test_an_exporter_reads_calibration_only_when_it_uses_it_and_its_own_checked_bar_stands():
+    """Exporters get the calibration batches lazily (read on first use, once); every recorded result is held to
+    the recipe's bar for its precision (an integer one, however the plugin spells it, to the INT8 bar)."""
+    import numpy as np
+
+    from primesvt_plugin.deploy.export import ExportError, Verification
+    from primesvt_plugin.pipeline.stages import Calibration, _enforce
+
+    reads = []
+    calibration = Calibration(lambda: reads.append(1) or [np.zeros((1, 3))] * 4)
+    assert reads == []  # nothing read until used
+    assert len(calibration) == 4 and len(list(calibration)) == 4 and reads == [1]
+
+    verification = Verification(np.zeros((10, 3), np.float32), np.eye(10, dtype=np.float32))
+    verification.results["u8 export"] = {"agreement": 0.96, "precision": "u8"}  # an integer precision: 0.95 bar
+    _enforce("plugin", "u8 export", verification)
+    verification.results["f32 export"] = {"agreement": 0.96, "precision": "f32"}  # the recipe's 0.995 bar
+    with pytest.raises(ExportError, match=r"exporter 'plugin': f32 export agrees .* on 96\.00% at f32 "
+                                          r"\(needs 99\.50%\)"):
+        _enforce("plugin", "f32 export", verification)

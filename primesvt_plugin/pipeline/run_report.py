@@ -38,8 +38,9 @@ class StageRecord:
 
     def to_dict(self) -> dict:
         row = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "quantized"}
-        if self.quantized:
+        if self.quantized:  # an artifact's row says what it could not measure (null), as it always did
             row["inference_precision"] = self.inference_precision
+            row.setdefault("latency_ms", None)
         return row
 
     @classmethod

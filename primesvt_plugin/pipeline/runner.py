@@ -68,7 +68,7 @@ def run_recipe(recipe: Recipe, out: Path | None = None, pm: pluggy.PluginManager
             # The run's objects (the model, OpenVINO artifacts) can sit in reference cycles through frames a
             # library keeps (torch.optim's first call): free them here, at a known point, rather than whenever
             # the cyclic collector next runs, in another run or test.
-            del context
+            del context, probed
             gc.collect()
         if distributed.is_main():
             shutil.rmtree(resume_folder(out), ignore_errors=True)  # done: the output supersedes any checkpoint

@@ -15,10 +15,12 @@ import io
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -185,6 +187,8 @@ class Calibrate(Stage):
             # equal constants once): it was within 0.1% of the written pruned files on the digits Spikformer
             ctx.deployment = ctx.deployment.calibrated(flash_bytes(ctx.model, ctx.deployment), measured,
                                                        margin_bytes=math.ceil(FLASH_HEADROOM * measured))
+            if not distributed.is_main():  # its row is rank 0's
+                ctx.unpruned_artifact = None
             ctx.report.deployment.update(unpruned_flash_bytes=measured, file_bytes=ctx.deployment.file_bytes,
                                          headroom_bytes=ctx.deployment.margin_bytes)
 
@@ -210,7 +214,7 @@ class QuantizedUnpruned(Stage):
         return bool(recipe.quantize and recipe.prune and recipe.prune.flash_budget is not None)
 
     def run(self, ctx):
-        artifact = ctx.unpruned_artifact
+        artifact, ctx.unpruned_artifact = ctx.unpruned_artifact, None  # not kept through pruning
         return ctx.artifact_row(f"{ctx.recipe.quantize.method} (not pruned)", artifact,
                                 ctx.report.deployment["unpruned_flash_bytes"])
 
@@ -312,7 +316,7 @@ class Export(Stage):
             exporter, known = registries(ctx.pm).exporters[fmt], dict(verification.results)
             with quiet(not ctx.progress):  # NNCF draws progress bars for onnx_int8
                 exported += exporter(ctx.model, example, ctx.folder / "model", verification=verification,
-                                     calibration=ctx.calibration(), pm=ctx.pm)
+                                     calibration=Calibration(ctx.calibration), pm=ctx.pm)
             for what, result in verification.results.items():
                 if known.get(what) is not result:  # recorded (or recorded again) by this exporter
                     _enforce(fmt, what, verification)
@@ -320,12 +324,33 @@ class Export(Stage):
         ctx.report.export_checks = verification.results
 
 
+class Calibration(Sequence):
+    """The calibration batches an exporter receives, read when it first uses them (most exporters never do, and
+    time-major event frames would be read for nothing)."""
+
+    def __init__(self, read: Callable[[], list[np.ndarray]]):
+        self._read, self._batches = read, None
+
+    def _all(self) -> list[np.ndarray]:
+        if self._batches is None:
+            self._batches = self._read()
+        return self._batches
+
+    def __getitem__(self, index):
+        return self._all()[index]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 def _enforce(fmt: str, what: str, verification: Verification) -> None:
-    """A result an exporter recorded must say its agreement and meet the bar of its precision (an exporter that
-    recorded a failure without raising still fails the run)."""
+    """A result an exporter recorded must say its agreement and meet the recipe's bar for its precision (an
+    exporter may not lower it: one that recorded a failure, or checked itself against a bar of its own, still
+    fails the run)."""
     result = verification.results[what]
     precision = str(result.get("precision", ""))
-    bar = verification.min_int8_agreement if precision.startswith("int") else verification.min_agreement
+    integer = re.search(r"int|(^|[^a-z])[ui]\d", precision.lower())  # int8, u8, i4: quantized on the way
+    bar = verification.min_int8_agreement if integer else verification.min_agreement
     agreement = result.get("agreement")
     if not isinstance(agreement, (int, float)):
         raise ExportError(f"export.formats: exporter {fmt!r} recorded {what!r} without an agreement; record results "
