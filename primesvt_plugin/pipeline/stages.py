@@ -8,6 +8,7 @@ no stage checks ranks itself. The checks are judged once, at the end, by ``Check
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import datetime
 import functools
@@ -143,7 +144,7 @@ def quiet(hide: bool):
         nncf_log.setLevel(level)
 
 
-class Stage:
+class Stage(abc.ABC):
     """One step of a run. ``main_rank_only``: under torchrun only rank 0 runs it (it writes the user's files)."""
 
     main_rank_only = False
@@ -152,8 +153,15 @@ class Stage:
         """Whether ``recipe`` asks for this stage."""
         return True
 
+    @abc.abstractmethod
     def run(self, ctx: RunContext) -> StageRecord | None:
-        raise NotImplementedError
+        """Do this stage's work on ``ctx``; return the report row it measured, if any."""
+
+
+def quantizes_the_unpruned_model(recipe: Recipe) -> bool:
+    """A flash budget with a quantizer: the unpruned model's weight file is measured (``Calibrate``) and
+    reported (``QuantizedUnpruned``)."""
+    return bool(recipe.quantize and recipe.prune and recipe.prune.flash_budget is not None)
 
 
 class Train(Stage):
@@ -179,7 +187,7 @@ class Calibrate(Stage):
         recipe = ctx.recipe
         ctx.deployment = registries(ctx.pm).quantizers[recipe.quantize.method].deployment if recipe.quantize else FP32
         ctx.report.deployment = {"precision": ctx.deployment.name}
-        if recipe.quantize and recipe.prune and recipe.prune.flash_budget is not None:
+        if quantizes_the_unpruned_model(recipe):
             ctx.unpruned_artifact = ctx.quantize()
             with tempfile.TemporaryDirectory() as folder:
                 measured = ctx.unpruned_artifact.weight_bytes(ctx.unpruned_artifact.save(Path(folder) / "unpruned"))
@@ -211,7 +219,7 @@ class QuantizedUnpruned(Stage):
     main_rank_only = True
 
     def wanted(self, recipe):
-        return bool(recipe.quantize and recipe.prune and recipe.prune.flash_budget is not None)
+        return quantizes_the_unpruned_model(recipe)
 
     def run(self, ctx):
         artifact, ctx.unpruned_artifact = ctx.unpruned_artifact, None  # not kept through pruning
