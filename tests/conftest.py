@@ -15,6 +15,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 from primesvt_plugin.pruning.spiking import first_tensor, fresh_forward
 
 
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+    """The weights of a Spikformer that has learned digits, trained once per test session by the shipped
+    ``prune_only`` recipe (16x16 images, embed_dims 64, one block) with pruning switched off: the unpruned model
+    of the end-to-end tests that are not about training (77% test accuracy on this machine)."""
+    from pathlib import Path
+
+    from primesvt_plugin.pipeline.cli import main
+
+    folder = tmp_path_factory.mktemp("digits_checkpoint")
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "prune_only.yaml"
+    assert main(["run", str(recipe), "--out", str(folder / "out"), "--quiet", "--set", "train.epochs=4",
+                 "--set", "train.lr=0.01", "--set", "prune=null", "--set", "export={formats: [torch]}"]) == 0
+    return folder / "out" / "state_dict.pt"
+
+
 @pytest.fixture
 def images():
     return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -71,6 +71,39 @@ def test_memory_aware_scores_are_l2_shares_per_kib_freed():
         assert torch.equal(plain(group.importance_group), l2(group.importance_group))
 
 
+@pytest.mark.parametrize("l2, blocks, expected", [
+    # order 1 < 2 < 3 < 4: rank r + half the value's fraction of the largest - 1/2, over n; the strongest never goes
+    ([3.0, 1.0, 2.0, 4.0], 1, [2.875 / 4, 0.625 / 4, 1.75 / 4, math.inf]),
+    # two heads: channel j of each head ranked by the heads' mean (2, 4), the same in both heads
+    ([1.0, 5.0, 3.0, 3.0], 2, [0.375, math.inf, 0.375, math.inf]),
+    ([2.0, 2.0, 2.0], 1, [1 / 3, 2 / 3, math.inf]),  # ties keep their order (stable), never share a score
+    ([2.0, 1.0, 3.0], 2, [(2 + 1 / 3 - 0.5) / 3, (1 + 1 / 6 - 0.5) / 3, math.inf]),  # 3 is no 2 heads: one block
+    ([2.0, 1.0, 3.0], 0, [(2 + 1 / 3 - 0.5) / 3, (1 + 1 / 6 - 0.5) / 3, math.inf]),
+    ([0.0, 0.0], 1, [0.25, math.inf]),  # all zero: no division by zero
+    ([0.2, 0.1], 1, [math.inf, (1 + 0.25 - 0.5) / 2]),  # small norms: the fraction is of the largest, not of 1
+])
+def test_rank_shares_are_hand_computed_ranks(l2, blocks, expected):
+    torch.testing.assert_close(rank_shares(torch.tensor(l2, dtype=torch.float64), blocks),
+                               torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_memory_aware_scores_the_channels_of_every_head_alike():
+    """On an attention inner group, a channel scores the same in every head (heads lose the same channels), and
+    differently within a head."""
+    from svits import build
+
+    model = build("spikformer")
+    graph = SpikingGraph(model, torch.rand(1, 3, 32, 32))
+    imp = MemoryAwareImportance(graph)
+    headed = [g for g in graph.groups() if graph.head_blocks(g.importance_group) > 1]
+    assert headed
+    for group in headed:
+        blocks = graph.head_blocks(group.importance_group)
+        assert imp.head_blocks(group.importance_group) == blocks
+        scores = imp(group.importance_group).view(blocks, -1)
+        assert torch.equal(scores, scores[:1].expand_as(scores)) and len(set(scores[0].tolist())) == scores.shape[1]
+
+
 def test_memory_aware_passes_p_and_options_to_group_l2():
     model, x = net(), inputs()
     graph = SpikingGraph(model, x)
@@ -592,6 +625,7 @@ def test_removal_counts_are_whole_heads_leave_a_channel_and_respect_round_to():
     conv2 = {g.name: g for g in SpikingGraph(model, x).groups()}["conv2"]
     assert removal_counts(conv2) == list(range(1, 16))
     assert removal_counts(conv2, round_to=4) == [4, 8, 12]
+    assert removal_counts(conv2, round_to=6) == [4, 10]  # keeps 12 or 6
     headed = PruningGroup("h", 12, 3, None, None, None)  # 3 heads of 4: every head loses the same count
     assert removal_counts(headed) == [3, 6, 9] and removal_counts(headed, round_to=6) == [6]
     assert removal_counts(PruningGroup("w", 12, 1, None, None, None), round_to=8) == [4]  # keeps 8, not removes 8

@@ -39,13 +39,9 @@ def write_recipe(path, body: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A digits Spikformer trained in one process (the search-only recipes start from it)."""
-    folder = tmp_path_factory.mktemp("trained")
-    recipe = write_recipe(folder / "train.yaml", "data: {name: digits, args: {image_size: 16}}\n"
-                                                 "train: {epochs: 5, lr: 0.003}\n")
-    assert main(["run", recipe, "--out", str(folder / "out"), "--quiet"]) == 0
-    return folder / "out" / "state_dict.pt"
+def checkpoint(digits_checkpoint):
+    """A digits Spikformer trained in one process (the search-only recipes start from it): the session's."""
+    return digits_checkpoint
 
 
 def search_recipe(folder, checkpoint, extra: str = "") -> str:

@@ -135,9 +135,14 @@ def test_a_model_ported_from_its_authors_runs_every_stage_with_no_plugin(tmp_pat
     assert loaded(x)[0].shape == (4, 10)
 
 
-def test_overrides_reach_the_run(tmp_path):
+def trained_weights(checkpoint) -> list[str]:
+    """Overrides that start a recipe of the default model from the session's trained weights, with no training."""
+    return ["--set", f"model.checkpoint={checkpoint}", "--set", "train=null"]
+
+
+def test_overrides_reach_the_run(tmp_path, digits_checkpoint):
     out = tmp_path / "o"
-    assert run_cli(str(RECIPES / "prune_only.yaml"), "--out", str(out), *LEARNED,
+    assert run_cli(str(RECIPES / "prune_only.yaml"), "--out", str(out), *trained_weights(digits_checkpoint),
                    "--set", "prune.memory_saving=0.4", "--set", "prune.max_accuracy_drop=0.5",
                    "--set", "prune.rank_by=both") == 0
     report = read_report(out)
@@ -165,6 +170,9 @@ def test_same_recipe_and_seed_give_the_same_report(tmp_path):
 BAD_RECIPES = {
     "unknown field": ("model: {name: spikformer}\nprune: {memory_savings: 0.3}\n", "prune.memory_savings"),
     "out of range": ("model: {name: spikformer}\nprune: {memory_saving: 1.5}\n", "prune.memory_saving"),
+    "no target": ("model: {name: spikformer}\nprune: {memory_saving: null}\n", "prune: Value error, give memory_saving"),
+    "no accuracy budget": ("model: {name: spikformer}\nprune: {max_accuracy_drop: null}\n",
+                           "prune: Value error, give max_accuracy_drop and/or min_accuracy"),
     "wrong type": ("model: {name: spikformer}\ntrain: {epochs: many}\n", "train.epochs"),
     "missing model": ("prune: {}\n", "model"),
     "missing data file": ("model: {name: spikformer}\ndata: {name: npz, args: {path: nowhere.npz}}\nprune: {}\n",
@@ -274,9 +282,9 @@ def test_an_int4_recipe_searches_its_flash_budget_at_int4_and_meets_it_on_the_wr
     assert precisions["patch_embed.stages.0.conv_bn.block.0"] == "int8"
 
 
-def test_impossible_budget_writes_the_best_feasible_plan_and_exits_3(tmp_path, capsys):
+def test_impossible_budget_writes_the_best_feasible_plan_and_exits_3(tmp_path, capsys, digits_checkpoint):
     out = tmp_path / "tight"
-    assert run_cli(str(RECIPES / "prune_only.yaml"), "--out", str(out), *LEARNED,
+    assert run_cli(str(RECIPES / "prune_only.yaml"), "--out", str(out), *trained_weights(digits_checkpoint),
                    "--set", "prune.flash_budget=2000", "--set", "prune.memory_saving=0") == 3
     err = capsys.readouterr().err
     assert "flash <= 2000 B" in err and "the outputs were written" in err
@@ -408,3 +416,23 @@ def test_checkpoint_only_recipe_reproduces_the_trained_model(tmp_path):
     assert after["test_accuracy"] == before["test_accuracy"] > 0.5
     assert after["val_accuracy"] == before["val_accuracy"]
 
+
+
+def test_every_prime_option_is_a_prune_field_and_reaches_prime_config():
+    """A recipe's ``prune`` section is the YAML face of ``PrimeConfig``: every option of the policy has a field of
+    the same name (only what the run measures, the deployment and the chance level, comes from elsewhere), and a
+    value written in YAML arrives in the config ``prime()`` reads."""
+    import dataclasses
+    from primesvt_plugin.pipeline.recipe import PruneSection
+    from primesvt_plugin.pruning.config import PrimeConfig
+    from primesvt_plugin.targets import INT8
+
+    options = {f.name for f in dataclasses.fields(PrimeConfig)} - {"deployment", "chance_accuracy"}
+    assert options <= set(PruneSection.model_fields), options - set(PruneSection.model_fields)
+    written = dict(memory_saving=0.4, memory="footprint", flash_budget=9000, ram_budget=7000, max_accuracy_drop=0.03,
+                   min_accuracy=0.5, rates=[0.25, 0.5], objective="max_saving", round_to=4, search="sweep",
+                   rank_by="both")
+    assert set(written) == options  # a new option must be added here too
+    config = PruneSection(**written).to_config(deployment=INT8, chance_accuracy=0.1)
+    assert {name: getattr(config, name) for name in options} == {**written, "rates": (0.25, 0.5)}
+    assert config.deployment is INT8 and config.chance_accuracy == 0.1

@@ -9,15 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 import dataclasses
 import re
+import typing
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from ..errors import RecipeError, shorten
-from ..pruning.config import DEFAULT_RATES, PrimeConfig
+from ..pruning.config import DEFAULT_RATES, MEASURED_BY_THE_RUN, PrimeConfig, checked_rates
 
 DATA_PATH_ARGS = ("path", "root")
 # Mutable defaults are plain values, not factories: pydantic copies them for each recipe, and the JSON schema
@@ -97,48 +98,21 @@ class TrainSection(ScheduleFields):
                                          "ignored on the CPU")
 
 
-class PruneSection(Section):
+class _PruneSectionBase(Section):
+    """The ``prune`` section: the method, and (generated below from ``PrimeConfig``) the policy's options."""
+
     method: Literal["prime", "uniform"] = "prime"
-    memory_saving: float = Field(0.2668, ge=0, lt=1, description="wanted fraction of memory saved (0 when only "
-                                                                  "budgets are given)")
-    memory: Literal["parameters", "footprint"] = Field("parameters", description="what memory_saving measures")
-    flash_budget: Bytes | None = Field(None, gt=0, description="most bytes of weights on the device (53976, "
-                                                                  "'50KB' = 50,000, '50KiB' = 51,200), at the "
-                                                                  "quantizer's precision (nncf_int8: INT8, "
-                                                                  "nncf_int4: INT4/INT8) or FP32 without quantize")
-    ram_budget: Bytes | None = Field(None, gt=0, description="most bytes of neuron state + buffers + the "
-                                                                "largest layer output, one sample (attention's "
-                                                                "matrix products not counted); activations at "
-                                                                "1 B under nncf_int8, 4 B under nncf_int4 "
-                                                                "(weight-only) and FP32")
-    max_accuracy_drop: float | None = Field(0.02, ge=0, le=1, description="allowed validation accuracy drop (0-1)")
-    min_accuracy: float | None = Field(None, ge=0, le=1, description="lowest validation accuracy allowed (0-1)")
-    rates: list[float] = Field(list(DEFAULT_RATES))
     ratio: float = Field(0.3, ge=0, lt=1, description="uniform method: ratio of every group")
     importance: str = Field("l2", description="the importance criterion ranking channels within a group: l2, l1, "
                                                "taylor, random, memory, or a plugin's")
     importance_args: dict[str, Any] = Field({}, description="keyword arguments of the importance "
                                                                               "factory (e.g. {memory_weight: 0.5})")
-    objective: Literal["target", "max_saving"] = Field(
-        "target", description="target: stop at memory_saving (the last group loses only what reaches it); "
-                              "max_saving: every chosen group at its highest feasible rate (the paper)")
-    round_to: int = Field(1, ge=1, description="kept widths are multiples of this (8 or 16 for SIMD targets)")
-    search: Literal["bisect", "sweep"] = Field("bisect", description="bisect: each highest feasible rate by "
-                                                                     "bisection; sweep: every rate in order")
-    rank_by: Literal["memory", "energy", "both"] = Field(
-        "memory", description="the order groups are compressed in: memory (the paper), energy per image of the "
-                              "layers they touch (op_counter on validation images), or both (sum of the shares)")
 
-    # Validators raise ValueError because pydantic expects it: it becomes a ValidationError, which
-    # load_recipe reports as a RecipeError naming the file and the field.
+    # Validators raise ValueError because pydantic expects it (ArgumentError is one): it becomes a
+    # ValidationError, which load_recipe reports as a RecipeError naming the file and the field. What PrimeConfig
+    # checks is checked by building one (in this order: after the budgets replaced the default saving).
     @model_validator(mode="after")
-    def _has_accuracy_budget(self) -> "PruneSection":
-        if self.method == "prime" and self.max_accuracy_drop is None and self.min_accuracy is None:
-            raise ValueError("prime needs max_accuracy_drop and/or min_accuracy")
-        return self
-
-    @model_validator(mode="after")
-    def _budgets_replace_the_default_saving(self) -> "PruneSection":
+    def _budgets_replace_the_default_saving(self) -> "_PruneSectionBase":
         # memory_saving has a default (the paper's 26.68%); budgets given without it are the only target
         budgets = self.flash_budget or self.ram_budget
         if budgets and self.method != "prime":
@@ -148,20 +122,57 @@ class PruneSection(Section):
             self.memory_saving = 0.0
         return self
 
-    @field_validator("rates")
+    @model_validator(mode="after")
+    def _makes_a_prime_config(self) -> "_PruneSectionBase":
+        # the rest of what PrimeConfig checks (a target given, ...), before any training rather than at pruning
+        if self.method == "prime":
+            self.to_config()
+        return self
+
+    @field_validator("rates", check_fields=False)
     @classmethod
     def _rates_are_fractions(cls, rates: list[float]) -> list[float]:
-        if not rates or any(not 0 < r < 1 for r in rates):
-            raise ValueError("rates must be a non-empty list of fractions in (0, 1)")
+        checked_rates(rates)
         return rates
 
     def to_config(self, **objects) -> PrimeConfig:
         """The ``PrimeConfig`` of this section: its fields of the same names, plus ``objects`` (the deployment and
         the chance level, which the run measures)."""
-        names = {f.name for f in dataclasses.fields(PrimeConfig)} & set(type(self).model_fields)
-        values = {name: getattr(self, name) for name in names}
-        values["memory_saving"] = self.memory_saving  # 0 with budgets alone: PrimeConfig reads it as no saving
+        values = {option.name: getattr(self, option.name) for option in _prime_options()}
         return PrimeConfig(**{**values, "rates": tuple(self.rates), **objects})
+
+
+# What a YAML file writes differently from PrimeConfig's declaration of an option: the paper's saving and a 2-point
+# drop as defaults, accuracies as fractions, byte sizes as strings ('50KB'), lists.
+_YAML_FACE: dict[str, dict[str, Any]] = {
+    "memory_saving": {"default": 0.2668},
+    "max_accuracy_drop": {"default": 0.02, "le": 1},
+    "min_accuracy": {"ge": 0, "le": 1},
+    "flash_budget": {"annotation": Bytes | None},
+    "ram_budget": {"annotation": Bytes | None},
+    "rates": {"annotation": list[float], "default": list(DEFAULT_RATES)},
+}
+
+
+def _prime_options() -> list[dataclasses.Field]:
+    return [option for option in dataclasses.fields(PrimeConfig) if option.name not in MEASURED_BY_THE_RUN]
+
+
+def _prune_option_fields() -> dict[str, tuple[Any, Any]]:
+    """``PrimeConfig``'s options as pydantic fields: type, default, description and range as declared there, with
+    ``_YAML_FACE`` on top."""
+    types = typing.get_type_hints(PrimeConfig)
+    fields = {}
+    for option in _prime_options():
+        face = dict(_YAML_FACE.get(option.name, {}))
+        annotation, default = face.pop("annotation", types[option.name]), face.pop("default", option.default)
+        bounds = {**option.metadata["bounds"], **face}
+        fields[option.name] = (annotation, Field(default, description=option.metadata["description"], **bounds))
+    return fields
+
+
+PruneSection = create_model("PruneSection", __base__=_PruneSectionBase, __module__=__name__,
+                            **_prune_option_fields())
 
 
 class DistillSection(Section):
