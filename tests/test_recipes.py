@@ -178,7 +178,6 @@ BAD_RECIPES = {
     "missing data file": ("model: {name: spikformer}\ndata: {name: npz, args: {path: nowhere.npz}}\nprune: {}\n",
                           "data.args.path"),
     "missing checkpoint": ("model: {name: spikformer, checkpoint: missing.pt}\nprune: {}\n", "model.checkpoint"),
-    "no accuracy budget": ("model: {name: spikformer}\nprune: {max_accuracy_drop: null}\n", "prune"),
     "unknown model": ("model: {name: resnet50}\nprune: {}\n", "model.name"),
     "unknown quantizer": ("model: {name: spikformer}\nquantize: {method: int3}\n", "quantize.method"),
     "not yaml": ("model: [unclosed\n", "not valid YAML"),
