@@ -32,6 +32,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch_pruning as tp
 from hypothesis import given
 from hypothesis import strategies as st
@@ -205,6 +206,25 @@ def test_either_floor_alone(kwargs, floor):
     assert report.baseline.accuracy == 1.0
 
 
+def test_ops_energy_counts_each_touched_layer_by_the_share_of_channels_removed():
+    """A layer's energy scales with its channels: conv2's group losing 2 of 16 channels takes 2/16 of conv2's,
+    lif2's (16 channels, from the op) and fc's (16 inputs) energy; conv1's losing 2 of 4 takes half of conv1's,
+    lif1's and conv2's (4 inputs). A layer with no energy recorded counts 0; a layer inside another the ops
+    touch is counted once, in its parent."""
+    from primesvt_plugin.pruning.accounting import ops_energy
+
+    model, x = net(), inputs()
+    groups = {g.name: g for g in SpikingGraph(model, x).groups()}
+    energy = {model.conv1: 64.0, model.lif1: 32.0, model.conv2: 160.0, model.lif2: 8.0, model.fc: 48.0}
+    assert ops_energy(groups["conv2"].channel_ops([0, 1]), energy) == 160 * 2 / 16 + 8 * 2 / 16 + 48 * 2 / 16
+    assert ops_energy(groups["conv1"].channel_ops([0, 1]), energy) == 64 / 2 + 32 / 2 + 160 / 2
+    del energy[model.lif2]
+    assert ops_energy(groups["conv2"].channel_ops([0, 1]), energy) == 160 * 2 / 16 + 48 * 2 / 16
+    parent = nn.Sequential(model.conv1)
+    ops = [ChannelOp(parent, OUT, (0,), 4), ChannelOp(model.conv1, OUT, (0,))]
+    assert ops_energy(ops, {parent: 40.0, model.conv1: 64.0}) == 40 / 4
+
+
 # -- (d) compression stops at the target; the highest feasible rate ---------------------------
 
 
@@ -222,6 +242,15 @@ def test_compression_stops_once_the_saving_is_reached():
     assert report.constraints_met
     assert report.pruned.memory_saving == 8 * CONV2_PARAM_BYTES / PARAMS
     assert report.reason.startswith("memory saving 46.85% >= 30.00%")
+
+
+def test_a_group_is_reported_at_the_rate_asked_not_its_rounded_count():
+    """rates (0.3,): conv2 (16 channels) can lose 4 at 0.3 (4.8 rounded down); its record says 0.3, the rate that
+    was tried, with 4 channels removed (4/16 = 0.25 is what the count alone would say)."""
+    report = run_prime(per_channel(0, U), rates=(0.3,), memory_saving=0.2).report
+    conv2 = records(report)["conv2"]
+    assert (conv2.target_rate, conv2.chosen_rate, conv2.removed_channels) == (0.3, 0.3, 4)
+    assert report.plan["conv2"] == [0, 1, 2, 3]
 
 
 def test_compression_goes_on_to_the_next_group_until_the_saving_is_reached():

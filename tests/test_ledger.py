@@ -11,7 +11,7 @@ from spikingjelly.activation_based import neuron
 
 from primesvt_plugin import SpikingGraph, footprint
 from primesvt_plugin.errors import ArgumentError
-from primesvt_plugin.pruning.memory import Footprint, LedgerState, layer_outputs, one_sample
+from primesvt_plugin.pruning.memory import Footprint, LedgerState, flash_bytes, layer_outputs, one_sample
 from primesvt_plugin.targets import FP32, INT4, INT8
 from primesvt_plugin.pruning.pruner import apply_plan
 
@@ -69,6 +69,10 @@ def test_flash_and_ram_are_counted_at_the_deployment_precision():
     assert (int4.flash_bytes, int4.ram_bytes) == (INT4_FLASH, INT4_RAM)
     assert [INT4.precision_of(m) for m in (model.conv1, model.conv2, model.fc)] == ["int8", "int8", "int4"]
     assert {INT8.precision_of(m) for m in (model.conv1, model.fc)} == {"int8"} and FP32.precision_of(model.fc) == "fp32"
+    # flash needs no forward pass: flash_bytes counts it from the weights alone, the same
+    calibrated = INT8.calibrated(INT8_FLASH, INT8_FLASH + 300)
+    assert [flash_bytes(model, d) for d in (FP32, INT8, INT4, calibrated)] == [PARAMS, INT8_FLASH, INT4_FLASH,
+                                                                              INT8_FLASH + 300]
 
 
 @pytest.mark.parametrize("deployment", [FP32, INT8, INT4], ids=["fp32", "int8", "int4"])
