@@ -73,7 +73,7 @@ class PrimeConfig:
         _check_number("memory_saving", self.memory_saving, 0.0)
         if self.memory_saving is not None and self.memory_saving >= 1.0:
             raise ArgumentError(f"memory_saving must be a fraction in [0, 1), got {self.memory_saving}")
-        check_accuracy_budget(self.max_accuracy_drop, self.min_accuracy)
+        _check_accuracy_budget(self.max_accuracy_drop, self.min_accuracy)
         _check_number("max_accuracy_drop", self.max_accuracy_drop, 0.0)
         _check_number("min_accuracy", self.min_accuracy)
         _check_number("chance_accuracy", self.chance_accuracy)
@@ -112,7 +112,7 @@ def checked_rates(rates) -> tuple[float, ...]:
     return rates
 
 
-def check_accuracy_budget(max_accuracy_drop: float | None, min_accuracy: float | None) -> None:
+def _check_accuracy_budget(max_accuracy_drop: float | None, min_accuracy: float | None) -> None:
     """The policy needs an accuracy budget: a drop allowed, a floor, or both."""
     if max_accuracy_drop is None and min_accuracy is None:
         raise ArgumentError("give max_accuracy_drop and/or min_accuracy: the accuracy budget")
