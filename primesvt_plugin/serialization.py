@@ -98,8 +98,8 @@ def read_tensors(path: str | Path, what: str = "checkpoint"):
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))
         if refused:
             raise CheckpointError(f"{path} holds a {refused.group(1)} object, which loading never creates or calls "
-                                  "(a pickle can run code); if you trust the file, save its weights alone: "
-                                  "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt')") from None
+                                  "(a pickle can run code); if you trust the file, load it yourself in Python and save its "
+                                  "weights alone: torch.save(<its state dict>, 'weights.pt')") from None
         raise CheckpointError(f"{path} is not a readable {what} (truncated, another format, or a pickle "
                               f"carrying code, which is never loaded): {first_line(error)}") from None
 
