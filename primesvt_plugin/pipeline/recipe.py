@@ -139,7 +139,7 @@ class _PruneSectionBase(Section):
         """The ``PrimeConfig`` of this section: its fields of the same names, plus ``objects`` (the deployment and
         the chance level, which the run measures)."""
         values = {option.name: getattr(self, option.name) for option in _prime_options()}
-        return PrimeConfig(**{**values, "rates": tuple(self.rates), **objects})
+        return PrimeConfig(**{**values, **objects})  # PrimeConfig makes the rates a sorted tuple
 
 
 # What a YAML file writes differently from PrimeConfig's declaration of an option: the paper's saving and a 2-point
